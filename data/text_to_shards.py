@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Turn .jsonl / .txt text plus a SentencePiece model into challenge token shards.
+
+Shard format (same as the published FineWeb shards): 256 little-endian int32 header
+[20240520 magic, 1 version, num_tokens, 0...] (1024 bytes), then num_tokens little-endian uint16.
+Every document is written as [BOS] + sp.encode(text), no EOS; documents run across shard borders.
+
+  python3 data/text_to_shards.py docs.jsonl --tokenizer tok.model --out-dir data/datasets/mine
+  python3 data/text_to_shards.py a.txt b.jsonl -t tok.model --out-dir D --val-docs 100   # first 100 -> val
+  python3 data/text_to_shards.py val.jsonl -t tok.model --out-dir D --split val
+
+Library use (self-contained, no train_gpt import): write_shard(path, tokens), read_shard(path).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+VALIDATION_ONLY_MARK = "fineweb_challenge_docs"  # challenge val docs: must never become train data
+
+
+class ShardError(ValueError):
+    pass
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
+    """Write one shard atomically (tmp file + os.replace). Tokens must be ints in [0, 65535]."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ShardError(f"{path}: tokens must be a 1-D integer array, got {tokens.dtype} shape {tokens.shape}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > 0xFFFF):
+        raise ShardError(f"{path}: token ids must fit uint16, got range [{tokens.min()}, {tokens.max()}]")
+    if tokens.size >= 2**31:
+        raise ShardError(f"{path}: {tokens.size} tokens do not fit the int32 header count")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype("<u2", copy=False).tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_header(path: str | os.PathLike) -> int:
+    """Validate a shard's header and size; return its token count. Raises ShardError saying what is wrong."""
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: bad magic {header[0]}, expected {MAGIC}")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported version {header[1]}, expected {VERSION}")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + 2 * n:
+        raise ShardError(f"{path}: size {size} bytes, expected {HEADER_BYTES + 2 * max(n, 0)} for {n} tokens")
+    return n
+
+
+def read_shard(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
+    """Return a validated shard's tokens as uint16 (a read-only memmap when mmap=True)."""
+    n = read_header(path)
+    if mmap:
+        return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+    return np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"fineweb_{split}_{index:06d}.bin"
+
+
+# ---------------------------------------------------------------------------------------------- input
+def iter_docs(path: Path, text_key: str = "text", txt_mode: str = "blank") -> Iterator[str]:
+    """Documents of one input file. .jsonl: one JSON object per line, text in `text_key`.
+    .txt: `blank` = documents separated by blank lines, `line` = one per non-empty line, `file` = whole file."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ShardError(f"{path}:{lineno}: invalid JSON ({e})") from None
+                text = obj.get(text_key) if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise ShardError(f"{path}:{lineno}: no string field {text_key!r} (see --text-key)")
+                yield text
+    elif suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            if txt_mode == "file":
+                text = f.read()
+                if text.strip():
+                    yield text
+            elif txt_mode == "line":
+                yield from (line.rstrip("\n") for line in f if line.strip())
+            else:  # blank
+                para: list[str] = []
+                for line in f:
+                    if line.strip():
+                        para.append(line.rstrip("\n"))
+                    elif para:
+                        yield "\n".join(para)
+                        para = []
+                if para:
+                    yield "\n".join(para)
+    else:
+        raise ShardError(f"{path}: unsupported input type {suffix!r} (expected .jsonl or .txt)")
+
+
+# ---------------------------------------------------------------------------------------------- output
+class ShardWriter:
+    """Accumulates token arrays and writes fixed-size shards; the last shard holds the remainder."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+        self.paths: list[Path] = []
+        self.docs = self.tokens = 0
+
+    def add_doc(self, tokens: np.ndarray) -> None:
+        self.docs += 1
+        self.tokens += tokens.size
+        self.pending.append(tokens)
+        self.n_pending += tokens.size
+        while self.n_pending >= self.shard_tokens:
+            buf = np.concatenate(self.pending)
+            self._flush(buf[: self.shard_tokens])
+            rest = buf[self.shard_tokens:]
+            self.pending, self.n_pending = ([rest] if rest.size else []), rest.size
+
+    def _flush(self, tokens: np.ndarray) -> None:
+        path = self.out_dir / shard_name(self.split, len(self.paths))
+        write_shard(path, tokens)
+        self.paths.append(path)
+
+    def close(self) -> None:
+        if self.n_pending:
+            self._flush(np.concatenate(self.pending))
+            self.pending, self.n_pending = [], 0
+
+
+def existing_shards(out_dir: Path, split: str) -> list[Path]:
+    return sorted(out_dir.glob(f"fineweb_{split}_*.bin"))
+
+
+def load_tokenizer(model_path: Path):
+    import sentencepiece as spm  # imported here so write_shard/read_shard work without sentencepiece
+
+    if not model_path.is_file():
+        raise ShardError(f"tokenizer not found: {model_path}")
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    if sp.get_piece_size() > 65536:
+        raise ShardError(f"{model_path}: vocab size {sp.get_piece_size()} does not fit uint16 shards (max 65536)")
+    if sp.bos_id() < 0:
+        raise ShardError(f"{model_path}: the model has no BOS id; challenge shards need [BOS] per document")
+    return sp
+
+
+def convert(inputs: list[Path], tokenizer: Path, out_dir: Path, split: str = "train", val_docs: int = 0,
+            shard_tokens: int = 100_000_000, max_docs: int | None = None, text_key: str = "text",
+            txt_mode: str = "blank", overwrite: bool = False, batch_docs: int = 256,
+            log=print) -> dict[str, ShardWriter]:
+    """Encode all inputs into shards. split='val': everything to val. split='train': the first `val_docs`
+    documents to val, the rest to train. Returns the writers per split (docs/tokens/paths)."""
+    if split not in ("train", "val"):
+        raise ShardError(f"split must be train or val, got {split!r}")
+    if split == "val" and val_docs:
+        raise ShardError("--val-docs only makes sense with --split train (with --split val every doc is val)")
+    if shard_tokens <= 0 or val_docs < 0:
+        raise ShardError("--shard-tokens must be > 0 and --val-docs >= 0")
+    for p in inputs:
+        if not p.is_file():
+            raise ShardError(f"input not found: {p}")
+        # The challenge's own docs are the validation set; training on them would leak val into train.
+        if VALIDATION_ONLY_MARK in p.name and split != "val":
+            raise ShardError(f"refusing to write train shards from {p}: files named *{VALIDATION_ONLY_MARK}* "
+                             f"are validation-only text; use --split val")
+    sp = load_tokenizer(tokenizer)
+    bos = sp.bos_id()
+    splits = ["val"] if split == "val" else (["val", "train"] if val_docs else ["train"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = {s: existing_shards(out_dir, s) for s in splits}
+    if any(stale.values()) and not overwrite:
+        names = ", ".join(p.name for s in splits for p in stale[s][:3])
+        raise ShardError(f"{out_dir} already holds shards ({names}...); pass --overwrite to replace them")
+    writers = {s: ShardWriter(out_dir, s, shard_tokens) for s in splits}
+
+    def docs() -> Iterator[str]:
+        n = 0
+        for p in inputs:
+            for text in iter_docs(p, text_key, txt_mode):
+                if max_docs is not None and n >= max_docs:
+                    return
+                n += 1
+                yield text
+
+    def batches(it: Iterable[str]) -> Iterator[list[str]]:
+        batch: list[str] = []
+        for text in it:
+            batch.append(text)
+            if len(batch) == batch_docs:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    n_doc = 0
+    for batch in batches(docs()):
+        for ids in sp.encode(batch, num_threads=os.cpu_count() or 1):
+            arr = np.empty(len(ids) + 1, dtype=np.uint16)
+            arr[0], arr[1:] = bos, ids
+            writers["val" if split == "val" or n_doc < val_docs else "train"].add_doc(arr)
+            n_doc += 1
+    for s, w in writers.items():
+        w.close()
+        # With --overwrite, shards beyond the new count would silently extend the dataset: remove them.
+        for old in stale[s]:
+            if old not in w.paths:
+                old.unlink()
+                log(f"removed stale {old}")
+        if w.docs == 0:
+            log(f"warning: no documents went to the {s} split")
+        log(f"{s}: docs:{w.docs} tokens:{w.tokens} shards:{len(w.paths)} dir:{out_dir}")
+    return writers
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", type=Path, help=".jsonl or .txt files, read in order")
+    ap.add_argument("-t", "--tokenizer", type=Path, required=True, help="SentencePiece .model file")
+    ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--split", choices=("train", "val"), default="train")
+    ap.add_argument("--val-docs", type=int, default=0, help="with --split train: first N docs go to val shards")
+    ap.add_argument("--shard-tokens", type=int, default=100_000_000)
+    ap.add_argument("--max-docs", type=int, default=None, help="stop after this many documents (all inputs)")
+    ap.add_argument("--text-key", default="text", help="JSON field holding the text (.jsonl)")
+    ap.add_argument("--txt-mode", choices=("blank", "line", "file"), default="blank",
+                    help=".txt: docs separated by blank lines / one per line / one per file")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing shards of the written splits")
+    args = ap.parse_args(argv)
+    try:
+        convert(args.inputs, args.tokenizer, args.out_dir, split=args.split, val_docs=args.val_docs,
+                shard_tokens=args.shard_tokens, max_docs=args.max_docs, text_key=args.text_key,
+                txt_mode=args.txt_mode, overwrite=args.overwrite)
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2496 @@
+"""Parameter Golf training script: one file, configured only by environment variables.
+
+Pipeline (top to bottom, as it runs): config -> data -> model -> optimizers -> training loop
+-> quantization + packing -> evaluation -> main.
+
+  torchrun --standalone --nproc_per_node=8 train_gpt.py      # the 8xH100 job (needs data/)
+  PRESET=smoke python train_gpt.py                             # whole pipeline on a CPU, embedded tiny data
+  python train_gpt.py --eval-only runs/<id>/final_model.ptz    # evaluate an artifact in a fresh process
+
+Every option is an env var declared in `Config.FIELDS`; the README's env table is generated from it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import queue
+import random
+import re
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+BYTES_LIMIT = 16_000_000
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+
+# ----------------------------------------------------------------------------------------------
+# CONFIG: every knob is an env var declared once here (name, type, default, help, aliases).
+# ----------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A bad env var or an impossible combination; the message names the variable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    type: type
+    default: Any
+    help: str
+    aliases: tuple = ()
+    choices: tuple = ()
+
+
+def _f(name, typ, default, help, aliases=(), choices=()):
+    return Field(name, typ, default, help, tuple(aliases), tuple(choices))
+
+
+FIELDS: list[Field] = [
+    # run / data
+    _f("PRESET", str, "", "'' (the 8xH100 defaults) or 'smoke' (tiny CPU config, builds its own data)", choices=("", "smoke")),
+    _f("RUN_ID", str, "", "run name; default <date>_<time>_seed<SEED>"),
+    _f("RUN_DIR", str, "", "output folder (log, artifact, summary); default runs/<RUN_ID>; never overwritten"),
+    _f("SEED", int, 1337, "seed for init and data sampling"),
+    _f("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192", "folder with fineweb_{train,val}_*.bin shards"),
+    _f("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model used for the byte LUTs of val_bpb"),
+    _f("VAL_MAX_TOKENS", int, 0, "evaluate only the first N val tokens (0 = all; debugging only, not a valid score)"),
+    # model shape
+    _f("VOCAB_SIZE", int, 8192, "vocabulary size (must equal the tokenizer's)"),
+    _f("NUM_LAYERS", int, 11, "physical transformer blocks"),
+    _f("MODEL_DIM", int, 512, "residual width"),
+    _f("NUM_HEADS", int, 8, "query heads"),
+    _f("HEAD_DIM", int, 0, "if >0: num_heads = MODEL_DIM / HEAD_DIM (overrides NUM_HEADS)"),
+    _f("NUM_KV_HEADS", int, 4, "key/value heads (GQA; 1 = MQA; = NUM_HEADS for MHA)"),
+    _f("MLP_MULT", float, 4.0, "MLP hidden = MLP_MULT * MODEL_DIM"),
+    _f("TIE_EMBEDDINGS", bool, True, "tie the output head to the token embedding"),
+    _f("TIED_EMBED_INIT_STD", float, 0.005, "std of the (tied) embedding init"),
+    _f("LOGIT_SOFTCAP", float, 30.0, "c*tanh(logits/c) before CE in every path; 0 = off"),
+    _f("QK_GAIN_INIT", float, 5.0, "init of the learned per-head query gain"),
+    _f("ROPE_BASE", float, 10000.0, "RoPE base"),
+    _f("ROPE_DIMS", int, 16, "rotate only the first ROPE_DIMS dims of each head; 0 = all", aliases=("PARTIAL_ROPE_DIMS",)),
+    _f("LN_SCALE", bool, True, "depth damping 1/sqrt(layer+1)"),
+    _f("LN_SCALE_MODE", str, "input", "input: scale the normed sub-block inputs (PG standard); output: scale the residual writes (PR #1125)", choices=("input", "output")),
+    _f("LEAKY_SLOPE", float, 0.5, "MLP activation leaky_relu(x, slope)^2; 0 = relu^2"),
+    _f("SKIP_GATES_ENABLED", bool, True, "U-Net skips mixed by sigmoid gates (else x += w*skip)"),
+    _f("UNET_SKIPS", bool, True, "U-Net encoder->decoder skip connections"),
+    _f("XSA_LAST_N", int, -1, "exclusive self-attention on the last N physical layers; -1 = all, 0 = off", aliases=("XSA_LAYERS",)),
+    _f("WINDOW_PATTERN", str, "L", "per-layer attention window, S/L string tiled over physical layers; last layer forced L"),
+    _f("WINDOW_SHORT", int, 0, "S window in tokens; 0 = TRAIN_SEQ_LEN // 2"),
+    _f("SHARED_HEAD_DIM", int, 0, "shared-specific Q/K: last S dims of every head tied to the cross-head mean (PR #1774); 0 = off"),
+    _f("VE_ENABLED", bool, False, "value embeddings added to V"),
+    _f("VE_LAYERS", str, "alternating", "alternating | all | none | comma list of layer indices", aliases=("VE128_LAYERS",)),
+    _f("VE_DIM", int, 128, "0 = a full kv_dim table per VE layer (autoresearch); >0 = one shared table of this width + projection (PR #374)", aliases=("VE128_DIM",)),
+    _f("VE_GATE", str, "learned", "learned: 2*sigmoid(G h[:w]) per KV head; fixed: gate 1", choices=("learned", "fixed")),
+    _f("VE_GATE_WIDTH", int, 32, "input channels of the learned VE gate"),
+    _f("VALUE_RESIDUAL", bool, False, "mix layer-0 V into every later layer: v = l0*v0 + l1*v (PR #487)"),
+    _f("GATED_ATTENTION", bool, False, "per-head sigmoid(W h + b) output gate, bias init 4 (PR #487)"),
+    _f("ATTN_OUT_GATE", bool, False, "AttnOutGate 2*sigmoid(A x[:GATE_WIDTH]) per head, zero init (PR #1667/#1969)", aliases=("GATE_ATTN_OUT",)),
+    _f("GATE_ATTN_SRC", str, "resid", "AttnOutGate input: resid (x_in, #1969) | proj (normed block input, #1667)", choices=("resid", "proj")),
+    _f("SPARSE_ATTN_GATE", bool, True, "SparseAttnGate sigmoid(scale * W u[:GATE_WIDTH]) per head, zero init (PR #1787)", aliases=("SPARSE_ATTN_GATE_ENABLED",)),
+    _f("SPARSE_ATTN_GATE_SCALE", float, 0.5, "scale inside the SparseAttnGate sigmoid"),
+    _f("GATE_WIDTH", int, 12, "input width of the attention output gates (and default SmearGate width)", aliases=("GATE_WINDOW",)),
+    _f("SMEAR_GATE", bool, True, "SmearGate on the embedding stream", aliases=("SMEAR_GATE_ENABLED",)),
+    _f("SMEAR_GATE_MODE", str, "v2", "v1: static per-channel blend (PR #65/#487); v2: x + l*sigmoid(w x[:W]) x_prev (PR #1667)", choices=("v1", "v2")),
+    _f("SMEAR_GATE_WIDTH", int, 0, "v2 gate width; 0 = GATE_WIDTH"),
+    _f("SMEAR_BOS_FIX", bool, True, "no smearing into a BOS position (nothing crosses a document boundary)", aliases=("SMEAR_GATE_BOS_FIX",)),
+    _f("BIGRAM_HASH", bool, False, "hashed bigram embedding added before the embedding norm"),
+    _f("BIGRAM_BUCKETS", int, 2048, "BigramHash buckets", aliases=("BIGRAM_VOCAB_SIZE",)),
+    _f("BIGRAM_DIM", int, 128, "BigramHash table width"),
+    _f("NUM_LOOPS", int, 2, "depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off"),
+    _f("LOOP_START", int, 3, "first looped physical layer"),
+    _f("LOOP_END", int, 5, "last looped physical layer (inclusive)"),
+    _f("ENABLE_LOOPING_AT", float, 0.35, "training fraction at which looping switches on (stays on for eval)"),
+    _f("PARALLEL_START_LAYER", int, 8, "two-lane parallel residual decoder from this physical layer; 0 = off"),
+    _f("PARALLEL_RESID_INIT", float, 1.1, "init of the parallel-lane residual lambdas"),
+    # attention kernel / speed
+    _f("ATTN_BACKEND", str, "auto", "auto | flash (flash-attn) | sdpa | flex (FlexAttention)", choices=("auto", "flash", "sdpa", "flex")),
+    _f("DOC_ATTENTION", bool, False, "attention never crosses a BOS (document-aware masks; training and eval)"),
+    _f("COMPILE", bool, True, "torch.compile the model and Newton-Schulz (CUDA only)"),
+    # batch / schedule
+    _f("TRAIN_SEQ_LEN", int, 2048, "training sequence length"),
+    _f("TRAIN_BATCH_TOKENS", int, 786432, "global tokens per optimizer step"),
+    _f("GRAD_ACCUM_STEPS", int, 0, "micro-steps per optimizer step; 0 = 8 // WORLD_SIZE (at least 1)"),
+    _f("ITERATIONS", int, 20000, "max optimizer steps (upper bound; the wallclock usually stops first)"),
+    _f("MAX_WALLCLOCK_SECONDS", float, 600.0, "training budget in seconds (0 = step-based schedule on ITERATIONS)"),
+    _f("GPTQ_RESERVE_SECONDS", float, 8.0, "seconds of the budget kept for GPTQ Hessian collection"),
+    _f("WARMUP_STEPS", int, 20, "compile warmup steps, rolled back (state restored) and not counted"),
+    _f("WARMDOWN_FRAC", float, 0.85, "final fraction of training with linear LR decay"),
+    _f("WARMDOWN_ITERS", int, 0, "if >0: warmdown over the last N steps, converted to time by the measured step time (PR #1125)"),
+    _f("MIN_LR", float, 0.10, "LR floor as a fraction of the base LR"),
+    _f("TRAIN_LOG_EVERY", int, 100, "log a train line every N steps"),
+    _f("VAL_LOSS_EVERY", int, 0, "validate every N steps (timer paused); 0 = only at the end"),
+    _f("PREFETCH_BATCHES", int, 2, "batches prepared ahead by the loader thread"),
+    # optimizer
+    _f("MATRIX_LR", float, 0.026, "Muon LR for block matrices"),
+    _f("SCALAR_LR", float, 0.02, "AdamW LR for scalars / control tensors"),
+    _f("TIED_EMBED_LR", float, 0.03, "AdamW LR for the tied embedding"),
+    _f("EMBED_LR", float, 0.6, "AdamW LR for an untied input embedding"),
+    _f("HEAD_LR", float, 0.008, "AdamW LR for an untied output head"),
+    _f("MUON_MOMENTUM", float, 0.97, "Muon momentum after warmup"),
+    _f("MUON_MOMENTUM_WARMUP_START", float, 0.92, "Muon momentum at step 0"),
+    _f("MUON_MOMENTUM_WARMUP_STEPS", int, 1500, "linear momentum warmup steps"),
+    _f("MUON_BACKEND_STEPS", int, 5, "Newton-Schulz iterations"),
+    _f("MUON_NS_COEFFS", str, "polar", "polar (Polar-Express per-step coefficients) | stock (3.4445,-4.775,2.0315)", choices=("polar", "stock")),
+    _f("MUON_ROW_NORMALIZE", bool, True, "MuonEq-R: normalize update rows before Newton-Schulz"),
+    _f("MUON_WD", float, 0.095, "decoupled weight decay of Muon matrices", aliases=("WEIGHT_DECAY_MUON",)),
+    _f("EMBED_WD", float, 0.085, "AdamW weight decay of embeddings"),
+    _f("ADAM_WD", float, 0.02, "AdamW weight decay of scalars", aliases=("WEIGHT_DECAY_ADAM",)),
+    _f("BETA1", float, 0.9, "AdamW beta1"),
+    _f("BETA2", float, 0.99, "AdamW beta2"),
+    _f("ADAM_EPS", float, 1e-8, "AdamW eps"),
+    _f("GRAD_CLIP_NORM", float, 0.3, "global grad-norm clip; 0 = off"),
+    _f("EMA_ENABLED", bool, True, "exponential moving average of the weights, used for eval and quantization"),
+    _f("EMA_DECAY", float, 0.9965, "EMA decay per step"),
+    # quantization / packing
+    _f("QUANT", str, "gptq", "gptq | rtn (round-to-nearest on the same SDClip grid) | int8 (per-row absmax int8)", choices=("gptq", "rtn", "int8")),
+    _f("MATRIX_BITS", int, 6, "bits of block matrices (5..8)"),
+    _f("EMBED_BITS", int, 7, "bits of the token embedding (5..8)"),
+    _f("MATRIX_CLIP_SIGMAS", float, 12.85, "SDClip k for other matrices (scale = k*std/qmax)"),
+    _f("ATTN_CLIP_SIGMAS", float, 13.0, "SDClip k for attention matrices"),
+    _f("MLP_CLIP_SIGMAS", float, 11.5, "SDClip k for MLP matrices"),
+    _f("EMBED_CLIP_SIGMAS", float, 14.0, "SDClip k for the embedding"),
+    _f("GPTQ_CALIBRATION_BATCHES", int, 16, "training batches for the GPTQ Hessians"),
+    _f("GPTQ_BLOCK_SIZE", int, 128, "GPTQ column block"),
+    _f("GPTQ_DAMP", float, 0.01, "GPTQ damping as a fraction of mean(diag H)"),
+    _f("GPTQ_ACT_ORDER", bool, True, "GPTQ columns in descending diag(H) order"),
+    _f("GATE_QUANT_INT8", bool, True, "store small attention gate matrices as per-row int8", aliases=("GATED_ATTN_QUANT_GATE",)),
+    _f("LQER_ENABLED", bool, False, "low-rank (INT2 A / INT4 B) correction of the worst quantization errors"),
+    _f("LQER_RANK", int, 4, "LQER rank"),
+    _f("LQER_TOP_K", int, 3, "LQER on the K tensors with the largest error"),
+    _f("LQER_GROUP", int, 64, "LQER INT4 group size", aliases=("LQER_ASYM_GROUP",)),
+    _f("COMPRESSOR", str, "brotli", "brotli (q11 + byte shuffle) | zstd | lzma", choices=("brotli", "zstd", "lzma")),
+    # evaluation
+    _f("EVAL_SEQ_LEN", int, 2048, "eval context length"),
+    _f("EVAL_STRIDE", int, 64, "sliding-window stride (scored tokens per window)"),
+    _f("EVAL_BATCH_SEQS", int, 32, "windows per eval forward"),
+    _f("SLIDING_EVAL", bool, True, "sliding-window eval of the roundtrip model", aliases=("SLIDING_WINDOW_ENABLED",)),
+    _f("MAX_EVAL_SECONDS", float, 600.0, "eval budget; exceeding it fails the run loudly"),
+    _f("TTT_ENABLED", bool, False, "legal score-first LoRA test-time training on the val stream"),
+    _f("TTT_LORA_RANK", int, 8, "TTT LoRA rank"),
+    _f("TTT_LORA_ALPHA", float, 16.0, "LoRA scale alpha/rank"),
+    _f("TTT_LR", float, 1e-3, "TTT AdamW LR", aliases=("TTT_LORA_LR",)),
+    _f("TTT_CHUNK_TOKENS", int, 32768, "val tokens scored per chunk before the LoRA trains on that chunk"),
+    _f("TTT_EPOCHS", int, 1, "passes over each scored chunk"),
+    _f("TTT_TARGETS", str, "q,v,head", "comma list of LoRA targets: q,k,v,o,up,down,head"),
+]
+
+ALIASES = {a: f.name for f in FIELDS for a in f.aliases}
+# Env vars that belong to the launcher / runtime, never warned about.
+_RUNTIME_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "CUDA_VISIBLE_DEVICES"}
+
+# PRESET=smoke: defaults for a tiny run of the whole pipeline on a CPU; explicit env still wins.
+SMOKE_PRESET = dict(
+    DATA_PATH="./data/datasets/smoke_sp512", TOKENIZER_PATH="./data/datasets/smoke_sp512/smoke_sp512.model",
+    VOCAB_SIZE=512, NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, LOOP_START=1, LOOP_END=2,
+    NUM_LOOPS=1, ENABLE_LOOPING_AT=0.5, PARALLEL_START_LAYER=3, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=2048,
+    ITERATIONS=40, MAX_WALLCLOCK_SECONDS=0.0, GPTQ_RESERVE_SECONDS=0.0, WARMUP_STEPS=2, TRAIN_LOG_EVERY=10,
+    MUON_MOMENTUM_WARMUP_STEPS=10, EVAL_SEQ_LEN=128, EVAL_STRIDE=32, EVAL_BATCH_SEQS=16, VAL_MAX_TOKENS=8192,
+    GPTQ_CALIBRATION_BATCHES=2, COMPILE=False, ROPE_DIMS=8, MATRIX_LR=0.02, TIED_EMBED_LR=0.05,
+    EMBED_BITS=8, GRAD_ACCUM_STEPS=1, GPTQ_BLOCK_SIZE=32,
+)
+
+
+def _parse(field: Field, raw: str, source: str):
+    raw = raw.strip()
+    try:
+        if field.type is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if field.type is int:
+            return int(float(raw)) if re.fullmatch(r"-?\d+(\.0*)?(e\d+)?", raw) else int(raw)
+        if field.type is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{source}={raw!r}: expected {field.type.__name__}") from None
+
+
+class Config:
+    """Typed, validated view of the env. Attribute names are the lower-cased env names."""
+    FIELDS = FIELDS
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = dict(values)
+        for k, v in values.items():
+            setattr(self, k.lower(), v)
+
+    @classmethod
+    def fields(cls):
+        return [(f.name, f.type.__name__, f.default, f.help) for f in FIELDS]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, warn: Callable[[str], None] | None = None) -> "Config":
+        env = dict(os.environ if env is None else env)
+        by_name = {f.name: f for f in FIELDS}
+        raw: dict[str, tuple[str, str]] = {}
+        for key, val in env.items():
+            name = ALIASES.get(key, key)
+            if name in by_name:
+                if name in raw and raw[name][1] != key:
+                    raise ConfigError(f"{key} and {raw[name][1]} set the same option {name}; set only one")
+                raw[name] = (val, key)
+        preset = raw["PRESET"][0].strip() if "PRESET" in raw else ""
+        values = {}
+        for f in FIELDS:
+            if f.name in raw:
+                values[f.name] = _parse(f, *raw[f.name])
+            elif preset == "smoke" and f.name in SMOKE_PRESET:
+                values[f.name] = SMOKE_PRESET[f.name]
+            else:
+                values[f.name] = f.default
+            if f.choices and values[f.name] not in f.choices:
+                raise ConfigError(f"{raw.get(f.name, (0, f.name))[1]}={values[f.name]!r}: expected one of {list(f.choices)}")
+        cfg = cls(values)
+        cfg._validate()
+        for msg in unknown_knob_warnings(env):
+            (warn or (lambda m: print(m, file=sys.stderr)))(msg)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def replace(self, **kw) -> "Config":
+        vals = self.to_dict()
+        for k, v in kw.items():
+            vals[k.upper()] = v
+        cfg = Config(vals)
+        cfg._validate()
+        return cfg
+
+    # Derived quantities used everywhere.
+    @property
+    def n_heads(self) -> int:
+        return self.model_dim // self.head_dim if self.head_dim > 0 else self.num_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim if self.head_dim > 0 else self.model_dim // self.num_heads
+
+    @property
+    def window_short_tokens(self) -> int:
+        return self.window_short or max(1, self.train_seq_len // 2)
+
+    @property
+    def smear_width(self) -> int:
+        return self.smear_gate_width or self.gate_width
+
+    def layer_windows(self) -> list[int]:
+        """Per physical layer: window in tokens, 0 = full causal context. Last layer is always L."""
+        pat = self.window_pattern.upper()
+        wins = [self.window_short_tokens if pat[i % len(pat)] == "S" else 0 for i in range(self.num_layers)]
+        wins[-1] = 0
+        return wins
+
+    def ve_layer_ids(self) -> list[int]:
+        if not self.ve_enabled:
+            return []
+        spec, L = self.ve_layers.strip().lower(), self.num_layers
+        if spec == "alternating":
+            return [i for i in range(L) if i % 2 == (L - 1) % 2]
+        if spec == "all":
+            return list(range(L))
+        if spec in ("none", ""):
+            return []
+        return sorted({int(x) for x in spec.split(",") if x.strip()})
+
+    def _validate(self):
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+        need(self.vocab_size > 1 and self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size}: expected 2..65536 (uint16 shards)")
+        need(self.num_layers >= 1, f"NUM_LAYERS={self.num_layers}: expected >= 1")
+        need(self.model_dim >= 8, f"MODEL_DIM={self.model_dim}: expected >= 8")
+        if self.head_dim > 0:
+            need(self.model_dim % self.head_dim == 0, f"HEAD_DIM={self.head_dim} must divide MODEL_DIM={self.model_dim}")
+        else:
+            need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        H, D = self.n_heads, self.d_head
+        need(D % 2 == 0, f"head dim {D} (MODEL_DIM/NUM_HEADS or HEAD_DIM) must be even for RoPE")
+        need(1 <= self.num_kv_heads <= H and H % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads} must divide the {H} query heads")
+        need(self.mlp_mult > 0, f"MLP_MULT={self.mlp_mult}: expected > 0")
+        need(0 <= self.rope_dims <= D and self.rope_dims % 2 == 0, f"ROPE_DIMS={self.rope_dims}: expected an even number in [0, head_dim={D}]")
+        rope = self.rope_dims or D
+        need(0 <= self.shared_head_dim < D, f"SHARED_HEAD_DIM={self.shared_head_dim}: expected 0..{D - 1}")
+        if self.shared_head_dim:
+            need(rope + self.shared_head_dim <= D, f"ROPE_DIMS ({rope}) + SHARED_HEAD_DIM ({self.shared_head_dim}) must be <= head_dim {D}")
+        need(self.logit_softcap >= 0, f"LOGIT_SOFTCAP={self.logit_softcap}: expected >= 0 (0 = off)")
+        need(self.leaky_slope >= 0, f"LEAKY_SLOPE={self.leaky_slope}: expected >= 0")
+        need(re.fullmatch(r"[SLsl]+", self.window_pattern) is not None, f"WINDOW_PATTERN={self.window_pattern!r}: expected a string of S and L")
+        need(self.window_short >= 0, "WINDOW_SHORT must be >= 0")
+        gates = [n for n, on in (("GATED_ATTENTION", self.gated_attention), ("ATTN_OUT_GATE", self.attn_out_gate), ("SPARSE_ATTN_GATE", self.sparse_attn_gate)) if on]
+        need(len(gates) <= 1, f"{' and '.join(gates)} are alternative attention output gates: enable at most one")
+        need(1 <= self.gate_width <= self.model_dim, f"GATE_WIDTH={self.gate_width}: expected 1..MODEL_DIM")
+        need(0 <= self.smear_gate_width <= self.model_dim, f"SMEAR_GATE_WIDTH={self.smear_gate_width}: expected 0..MODEL_DIM")
+        if self.ve_enabled:
+            spec = self.ve_layers.strip().lower()
+            if spec not in ("alternating", "all", "none", ""):
+                try:
+                    lay = [int(x) for x in spec.split(",") if x.strip()]
+                except ValueError:
+                    raise ConfigError(f"VE_LAYERS={spec!r}: expected alternating|all|none|comma list of ints") from None
+                need(all(0 <= i < self.num_layers for i in lay), f"VE_LAYERS={spec!r}: indices must be in [0, {self.num_layers})")
+            need(self.ve_dim >= 0, "VE_DIM must be >= 0")
+            need(1 <= self.ve_gate_width <= self.model_dim, f"VE_GATE_WIDTH={self.ve_gate_width}: expected 1..MODEL_DIM")
+        if self.bigram_hash:
+            need(self.bigram_buckets >= 2 and self.bigram_dim >= 1, "BIGRAM_BUCKETS must be >= 2 and BIGRAM_DIM >= 1")
+        if self.num_loops:
+            need(self.num_loops >= 0, "NUM_LOOPS must be >= 0")
+            need(0 <= self.loop_start <= self.loop_end < self.num_layers, f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie in [0, NUM_LAYERS={self.num_layers})")
+            need(0.0 <= self.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT must be in [0, 1]")
+        need(self.num_loops >= 0, f"NUM_LOOPS={self.num_loops}: expected >= 0")
+        need(0 <= self.parallel_start_layer < max(self.num_layers, 1) or self.parallel_start_layer == 0, f"PARALLEL_START_LAYER={self.parallel_start_layer}: expected 0 (off) or a layer index < NUM_LAYERS")
+        need(self.train_seq_len >= 2 and self.train_batch_tokens >= self.train_seq_len, "TRAIN_BATCH_TOKENS must be >= TRAIN_SEQ_LEN >= 2")
+        need(self.train_batch_tokens % self.train_seq_len == 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        need(self.iterations >= 1, "ITERATIONS must be >= 1")
+        need(self.max_wallclock_seconds >= 0 and self.gptq_reserve_seconds >= 0, "MAX_WALLCLOCK_SECONDS and GPTQ_RESERVE_SECONDS must be >= 0")
+        if self.max_wallclock_seconds > 0:
+            need(self.gptq_reserve_seconds < self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS must be < MAX_WALLCLOCK_SECONDS")
+        need(0.0 <= self.warmdown_frac <= 1.0 and 0.0 <= self.min_lr <= 1.0, "WARMDOWN_FRAC and MIN_LR must be in [0, 1]")
+        need(0.0 <= self.ema_decay < 1.0, "EMA_DECAY must be in [0, 1)")
+        for name in ("MATRIX_BITS", "EMBED_BITS"):
+            need(5 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: expected 5..8")
+        need(self.eval_seq_len >= 2 and 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
+        need(self.eval_batch_seqs >= 1 and self.gptq_calibration_batches >= 1, "EVAL_BATCH_SEQS and GPTQ_CALIBRATION_BATCHES must be >= 1")
+        bad = [t for t in self.ttt_targets.split(",") if t.strip() and t.strip() not in ("q", "k", "v", "o", "up", "down", "head")]
+        need(not bad, f"TTT_TARGETS has unknown targets {bad}: expected q,k,v,o,up,down,head")
+        need(self.ttt_chunk_tokens >= 1 and self.ttt_lora_rank >= 1, "TTT_CHUNK_TOKENS and TTT_LORA_RANK must be >= 1")
+
+
+def unknown_knob_warnings(env: Mapping[str, str]) -> list[str]:
+    """Env vars that look like our knobs but are not (typos) get a warning, never silence."""
+    known = {f.name for f in FIELDS} | set(ALIASES)
+    prefixes = {n.split("_")[0] for n in known}
+    out = []
+    for key in sorted(env):
+        if key in known or key in _RUNTIME_ENV or not re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+|[A-Z]{4,}", key):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        if key.split("_")[0] in prefixes or close:
+            hint = f"; did you mean {close[0]}?" if close else ""
+            out.append(f"WARNING: env var {key} looks like a train_gpt.py option but is unknown and ignored{hint}")
+    return out
+
+# ----------------------------------------------------------------------------------------------
+# DATA: challenge shards (256 x int32 header + uint16 tokens), loaders, val_bpb byte LUTs.
+# ----------------------------------------------------------------------------------------------
+
+class DataError(RuntimeError):
+    """Missing or malformed data; the message names the file and what was expected."""
+
+
+def read_shard_header(path: str | Path) -> int:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: shard file not found")
+    size = path.stat().st_size
+    if size < SHARD_HEADER_INTS * 4:
+        raise DataError(f"{path}: {size} bytes is smaller than the 1024-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: header magic {header[0]} != {SHARD_MAGIC}; not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: shard version {header[1]} != {SHARD_VERSION}")
+    n = int(header[2])
+    if n < 0 or size != SHARD_HEADER_INTS * 4 + 2 * n:
+        raise DataError(f"{path}: header says {n} tokens, so the file must be {SHARD_HEADER_INTS * 4 + 2 * n} bytes, but it is {size}")
+    return n
+
+
+def load_shard(path: str | Path) -> np.ndarray:
+    """Validated read-only memmap of a shard's uint16 tokens."""
+    n = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
+
+
+def write_shard(path: str | Path, tokens: np.ndarray):
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise DataError(f"{path}: token ids must fit uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    atomic_write_bytes(path, header.tobytes() + tokens.astype("<u2").tobytes())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    files = sorted(f for f in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")) if "_bytes_" not in f)
+    if not files:
+        raise DataError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards found. Download them with "
+                        f"`python data/cached_challenge_fineweb.py --variant sp8192`, build local ones with "
+                        f"`python data/text_to_shards.py`, or run `PRESET=smoke python train_gpt.py`.")
+    return files
+
+
+class TokenStream:
+    """Reads training shards in order (wrapping), identical for every seed (as the SOTA loader)."""
+
+    def __init__(self, files: list[str], reverse: bool = False):
+        self.files = list(reversed(files)) if reverse else list(files)
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_shard(self.files[0])
+
+    def take(self, n: int) -> np.ndarray:
+        out, need = [], n
+        while need > 0:
+            left = self.tokens.size - self.pos
+            if left <= 0:
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_shard(self.files[self.file_idx]), 0
+                continue
+            k = min(left, need)
+            out.append(np.asarray(self.tokens[self.pos:self.pos + k]))
+            self.pos += k
+            need -= k
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+
+class DistributedLoader:
+    """Each micro-step: one contiguous global chunk of world*(local+1) tokens; rank r gets the r-th span.
+    A background thread prepares pinned batches ahead so the GPU never waits on numpy."""
+
+    def __init__(self, files, rank, world, local_tokens, seq_len, device, prefetch=2, reverse=False):
+        assert local_tokens % seq_len == 0
+        self.stream = TokenStream(files, reverse=reverse)
+        self.rank, self.world, self.local, self.seq_len, self.device = rank, world, local_tokens, seq_len, device
+        self.pin = device.type == "cuda"
+        self.q: queue.Queue | None = None
+        if prefetch > 0:
+            self.q = queue.Queue(maxsize=prefetch)
+            self._stop = False
+            self.thread = threading.Thread(target=self._work, daemon=True)
+            self.thread.start()
+
+    def _make(self):
+        span = self.local + 1
+        chunk = self.stream.take(self.world * span)[self.rank * span:(self.rank + 1) * span]
+        t = torch.from_numpy(chunk.astype(np.int64))
+        x, y = t[:-1].view(-1, self.seq_len), t[1:].view(-1, self.seq_len)
+        if self.pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def _work(self):
+        while not self._stop:
+            item = self._make()
+            while not self._stop:
+                try:
+                    self.q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+
+    def next(self):
+        x, y = self.q.get() if self.q is not None else self._make()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def close(self):
+        if self.q is not None:
+            self._stop = True
+            self.thread.join(timeout=2)
+
+
+def load_val_tokens(data_path: str, max_tokens: int = 0) -> np.ndarray:
+    toks = np.concatenate([np.asarray(load_shard(f)) for f in shard_files(data_path, "val")])
+    if max_tokens > 0:
+        toks = toks[:max_tokens]
+    if toks.size < 2:
+        raise DataError(f"DATA_PATH={data_path}: validation split has {toks.size} tokens; need at least 2")
+    return toks
+
+
+def build_byte_luts(sp, vocab_size: int):
+    """Per token id: UTF-8 bytes of the piece without its leading '\u2581', whether it has one, and whether
+    it is a boundary (control/unknown/unused: 0 bytes, and no leading space is charged after it)."""
+    n = sp.vocab_size()
+    if n > vocab_size:
+        raise DataError(f"tokenizer has {n} pieces but VOCAB_SIZE={vocab_size}: vocab mismatch")
+    base = np.zeros(vocab_size, dtype=np.int64)
+    lead = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            lead[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return base, lead, boundary
+
+
+def target_bytes(prev: np.ndarray | torch.Tensor, tgt, luts):
+    """Bytes charged for predicting tgt after prev (the challenge's exact rule)."""
+    base, lead, boundary = luts
+    return base[tgt] + (lead[tgt] & ~boundary[prev])
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+    if not Path(path).is_file():
+        raise DataError(f"TOKENIZER_PATH={path}: SentencePiece model not found")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    return sp, build_byte_luts(sp, vocab_size)
+
+
+def _smoke_text(seed: int, n_docs: int) -> list[str]:
+    """Deterministic English-like documents with some structure a tiny model can learn."""
+    rng = random.Random(seed)
+    subj = "the cat|a dog|my friend|the old man|a young girl|the teacher|our team|the city|this model|the river".split("|")
+    verb = "sees|likes|builds|finds|wants|carries|remembers|paints|follows|opens".split("|")
+    obj = "a red ball|the small house|three apples|a long road|the blue sky|an open door|the last train|some warm bread".split("|")
+    tail = ["today", "at night", "in the morning", "because it rains", "with great care", "again and again", "near the sea"]
+    docs = []
+    for d in range(n_docs):
+        sents = []
+        for _ in range(rng.randint(3, 12)):
+            s = f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)}"
+            if rng.random() < 0.6:
+                s += " " + rng.choice(tail)
+            if rng.random() < 0.2:
+                s += f", {rng.randint(1, 999)} times"
+            sents.append(s[0].upper() + s[1:] + rng.choice([".", ".", "!", "?"]))
+        docs.append(" ".join(sents))
+    return docs
+
+
+def build_smoke_dataset(data_path: str, tokenizer_path: str, vocab_size: int, log=print):
+    """PRESET=smoke with no data: train a tiny SentencePiece model and write train/val shards (no network)."""
+    import sentencepiece as spm
+    data_dir = Path(data_path)
+    if glob.glob(str(data_dir / "fineweb_train_*.bin")) and glob.glob(str(data_dir / "fineweb_val_*.bin")) and Path(tokenizer_path).is_file():
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_docs, val_docs = _smoke_text(1, 1500), _smoke_text(2, 120)
+    tok = Path(tokenizer_path)
+    tok.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(train_docs), model_prefix=str(tok.with_suffix("")), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1, split_digits=True,
+        add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2, seed_sentencepiece_size=100000)
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        ids = [t for d in docs for t in [sp.bos_id()] + sp.encode(d)]
+        write_shard(data_dir / f"fineweb_{split}_000000.bin", np.array(ids, dtype=np.uint16))
+    log(f"event:smoke_data path:{data_dir} tokenizer:{tok} train_docs:{len(train_docs)} val_docs:{len(val_docs)}")
+
+# ----------------------------------------------------------------------------------------------
+# MODEL: tied-embedding GPT with U-Net skips, resid mix, QK-norm, partial RoPE, q-gain, GQA,
+# LeakyReLU^2 MLP, softcap, and every seed feature behind its config switch.
+# Canonical attention order (seed_features.md s1): resid_mix -> norm*s -> QKV (SHD tie) -> value
+# embedding -> value residual -> QK norm -> partial RoPE -> q_gain -> attention (window) -> XSA ->
+# output gate -> Wo -> *attn_scale.
+# ----------------------------------------------------------------------------------------------
+
+try:  # FlashAttention 3 (Hopper) or 2, used when importable; everything works without it.
+    from flash_attn_interface import flash_attn_func as _flash_attn_func  # type: ignore
+    FLASH_ATTN = "fa3"
+except Exception:
+    try:
+        from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
+        FLASH_ATTN = "fa2"
+    except Exception:
+        _flash_attn_func, FLASH_ATTN = None, None
+
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "parallel_",
+                    "attn_gate_w", "attn_out_gate_w", "attn_gate_bias", "smear_", "vr_lambdas", "ve_layer_scales",
+                    "ve_scale", "bigram_scale")
+EMBED_NAMES = ("tok_emb.weight", "bigram_table.weight", "ve_shared.weight")
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def tie_shared_rows(w: torch.Tensor, heads: int, d: int, shared: int) -> torch.Tensor:
+    """Shared-specific Q/K (PR #1774): the last `shared` rows of every head become their cross-head mean."""
+    w3 = w.view(heads, d, w.size(-1))
+    mean = w3[:, d - shared:].mean(0, keepdim=True).expand(heads, shared, w.size(-1))
+    return torch.cat([w3[:, :d - shared], mean], 1).reshape(heads * d, w.size(-1))
+
+
+class CastedLinear(nn.Module):
+    """fp32 master weight, computed in the autocast dtype. `shared` ties head rows (SHD); `lora` is an
+    optional (A, B, scale) delta used by test-time training, so TTT runs the exact training forward."""
+
+    def __init__(self, in_f: int, out_f: int, zero_init: bool = False, ortho_init: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_f, in_f))
+        if zero_init:
+            nn.init.zeros_(self.weight)
+        elif ortho_init:
+            nn.init.orthogonal_(self.weight)
+        else:
+            nn.init.normal_(self.weight, std=in_f ** -0.5)
+        self.shared: tuple[int, int, int] | None = None  # (heads, head_dim, shared_dims)
+        self.lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    def effective_weight(self) -> torch.Tensor:
+        return tie_shared_rows(self.weight, *self.shared) if self.shared else self.weight
+
+    def forward(self, x):
+        y = F.linear(x, self.effective_weight().to(x.dtype))
+        if self.lora is not None:
+            a, b, s = self.lora
+            y = y + F.linear(F.linear(x, a.to(y.dtype)), b.to(y.dtype)) * s
+        return y
+
+
+class Rotary(nn.Module):
+    """Partial RoPE: rotate dims [0, R) as pairs (i, i + R/2) with theta_i = base^(-2i/R)."""
+
+    def __init__(self, rope_dims: int, base: float):
+        super().__init__()
+        self.r = rope_dims
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims), persistent=False)
+        self._cache: dict = {}
+
+    def cos_sin(self, T: int, device, dtype):
+        key = (T, device, dtype)
+        if key not in self._cache:
+            t = torch.arange(T, device=device, dtype=torch.float32)
+            f = torch.outer(t, self.inv_freq.to(device))
+            self._cache[key] = (f.cos()[None, :, None, :].to(dtype), f.sin()[None, :, None, :].to(dtype))
+        return self._cache[key]
+
+    def forward(self, x):  # x [B, T, H, D]
+        cos, sin = self.cos_sin(x.size(1), x.device, x.dtype)
+        h = self.r // 2
+        x1, x2, rest = x[..., :h], x[..., h:self.r], x[..., self.r:]
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], -1)
+
+
+def attention_mask_specs(cfg: Config) -> set:
+    """Distinct per-layer windows (0 = full) that need a mask object."""
+    return set(cfg.layer_windows())
+
+
+def build_masks(cfg: Config, T: int, device, ids: torch.Tensor | None, use_flex: bool, bos_id: int) -> dict:
+    """One mask object per distinct window: None = plain causal (fast path), else a FlexAttention
+    BlockMask (CUDA) or a boolean SDPA mask (CPU). DOC_ATTENTION adds 'same document' (BOS-delimited)."""
+    doc = None
+    if cfg.doc_attention and ids is not None:
+        doc = torch.cumsum((ids == bos_id).to(torch.int32), dim=1)  # [B, T] document index per position
+    masks = {}
+    for w in attention_mask_specs(cfg):
+        if w == 0 and doc is None:
+            masks[w] = None
+            continue
+        if use_flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def mask_mod(b, h, q, kv, w=w, doc=doc):
+                m = q >= kv
+                if w:
+                    m = m & (q - kv <= w)
+                if doc is not None:
+                    m = m & (doc[b, q] == doc[b, kv])
+                return m
+            B = ids.size(0) if doc is not None else None
+            masks[w] = create_block_mask(mask_mod, B, None, T, T, device=device)
+        else:
+            q = torch.arange(T, device=device)
+            m = q[:, None] >= q[None, :]
+            if w:
+                m = m & (q[:, None] - q[None, :] <= w)
+            m = m[None, None]
+            if doc is not None:
+                m = m & (doc[:, None, :, None] == doc[:, None, None, :])
+            masks[w] = m
+    return masks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        dim, H, Hkv, D = cfg.model_dim, cfg.n_heads, cfg.num_kv_heads, cfg.d_head
+        self.cfg, self.layer, self.H, self.Hkv, self.D = cfg, layer, H, Hkv, D
+        self.c_q = CastedLinear(dim, H * D, ortho_init=True)
+        self.c_k = CastedLinear(dim, Hkv * D, ortho_init=True)
+        self.c_v = CastedLinear(dim, Hkv * D, ortho_init=True)
+        self.proj = CastedLinear(H * D, dim, zero_init=True)
+        if cfg.shared_head_dim:
+            self.c_q.shared, self.c_k.shared = (H, D, cfg.shared_head_dim), (Hkv, D, cfg.shared_head_dim)
+        self.q_gain = nn.Parameter(torch.full((H,), cfg.qk_gain_init))
+        self.rotary = Rotary(cfg.rope_dims or D, cfg.rope_base)
+        self.window = cfg.layer_windows()[layer]
+        n_xsa = cfg.num_layers if cfg.xsa_last_n < 0 else cfg.xsa_last_n
+        self.xsa = layer >= cfg.num_layers - n_xsa
+        if cfg.gated_attention:  # PR #487: sigmoid(W h + b), W (Muon) zero, b = 4
+            self.attn_gate = CastedLinear(dim, H, zero_init=True)
+            self.attn_gate_bias = nn.Parameter(torch.full((H,), 4.0))
+        if cfg.attn_out_gate:  # AttnOutGate: 2*sigmoid(A x[:W]), zero init = identity
+            self.attn_out_gate_w = nn.Parameter(torch.zeros(H, cfg.gate_width))
+        if cfg.sparse_attn_gate:  # SparseAttnGate: sigmoid(scale * W u[:W]), zero init = 0.5
+            self.attn_gate_w = nn.Parameter(torch.zeros(H, cfg.gate_width))
+        self.has_ve = layer in cfg.ve_layer_ids()
+        if self.has_ve:
+            if cfg.ve_dim == 0:  # autoresearch: a full kv_dim table per VE layer
+                self.ve_table = nn.Embedding(cfg.vocab_size, Hkv * D)
+                nn.init.uniform_(self.ve_table.weight, -(3 ** 0.5) * dim ** -0.5, (3 ** 0.5) * dim ** -0.5)
+            if cfg.ve_gate == "learned":
+                self.ve_gate = CastedLinear(cfg.ve_gate_width, Hkv, zero_init=True)
+
+    def attend(self, q, k, v, masks):
+        """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D], causal within this layer's window."""
+        mask = masks.get(self.window) if masks else None
+        backend = self.cfg.attn_backend
+        if q.is_cuda and _flash_attn_func is not None and backend in ("auto", "flash") and not self.cfg.doc_attention:
+            ws = (self.window, 0) if self.window else (-1, -1)
+            out = _flash_attn_func(q, k, v, causal=True, window_size=ws)
+            return out[0] if isinstance(out, tuple) else out
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # FlexAttention BlockMask
+            from torch.nn.attention.flex_attention import flex_attention
+            y = flex_attention(qt, kt, vt, block_mask=mask, enable_gqa=self.Hkv != self.H)
+        elif mask is not None:
+            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=self.Hkv != self.H)
+        elif self.window:  # no mask object given (direct call): build the dense window mask here
+            m = build_masks(self.cfg, q.size(1), q.device, None, False, 1)[self.window]
+            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, enable_gqa=self.Hkv != self.H)
+        else:
+            y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=self.Hkv != self.H)
+        return y.transpose(1, 2)
+
+    def forward(self, h, x_in, ctx):
+        B, T, _ = h.shape
+        H, Hkv, D = self.H, self.Hkv, self.D
+        q = self.c_q(h).view(B, T, H, D)
+        k = self.c_k(h).view(B, T, Hkv, D)
+        v = self.c_v(h).view(B, T, Hkv, D)
+        if self.has_ve:
+            ve = self.ve_table(ctx["ids"]) if self.cfg.ve_dim == 0 else ctx["ve_shared"] * ctx["ve_layer_scales"][self.layer]
+            ve = ve.view(B, T, Hkv, D).to(v.dtype)
+            if self.cfg.ve_gate == "learned":
+                ve = ve * (2 * torch.sigmoid(self.ve_gate(h[..., :self.cfg.ve_gate_width]))).unsqueeze(-1).to(v.dtype)
+            v = v + ve
+        if self.cfg.value_residual:  # the first executed block (physical layer 0) caches v0
+            if "v0" not in ctx:
+                ctx["v0"] = v
+            else:
+                lam = ctx["vr_lambdas"][self.layer].to(v.dtype)
+                v = lam[0] * ctx["v0"] + lam[1] * v
+        dt = v.dtype  # the compute dtype (bf16 under autocast)
+        q, k = self.rotary(rms_norm(q).to(dt)), self.rotary(rms_norm(k).to(dt))
+        q = q * self.q_gain.to(dt)[None, None, :, None]
+        y = self.attend(q, k, v, ctx.get("masks"))
+        if self.xsa:  # remove the component along the token's own value direction (GQA-broadcast)
+            yg = y.view(B, T, Hkv, H // Hkv, D)
+            vn = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+        if self.cfg.gated_attention:
+            y = y * torch.sigmoid(self.attn_gate(h) + self.attn_gate_bias.to(h.dtype)).unsqueeze(-1).to(y.dtype)
+        elif self.cfg.attn_out_gate:
+            src = x_in if self.cfg.gate_attn_src == "resid" else h
+            g = 2 * torch.sigmoid(F.linear(src[..., :self.cfg.gate_width].contiguous(), self.attn_out_gate_w.to(src.dtype)))
+            y = y * g.unsqueeze(-1).to(y.dtype)
+        elif self.cfg.sparse_attn_gate:
+            g = torch.sigmoid(self.cfg.sparse_attn_gate_scale * F.linear(h[..., :self.cfg.gate_width].contiguous(), self.attn_gate_w.to(h.dtype)))
+            y = y * g.unsqueeze(-1).to(y.dtype)
+        return self.proj(y.reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = CastedLinear(cfg.model_dim, hidden, ortho_init=True)
+        self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
+        self.slope = cfg.leaky_slope
+
+    def forward(self, x):  # one code path for every slope (0 = relu^2)
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        dim = cfg.model_dim
+        self.attn, self.mlp = Attention(cfg, layer), MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
+        s = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.s_in, self.s_out = (s, 1.0) if cfg.ln_scale_mode == "input" else (1.0, s)
+
+    def forward(self, x, x0, ctx):
+        x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x = x_in + (self.attn_scale * self.s_out) * self.attn(rms_norm(x_in) * self.s_in, x_in, ctx)
+        return x + (self.mlp_scale * self.s_out) * self.mlp(rms_norm(x) * self.s_in)
+
+    def forward_parallel(self, lane0, lane1, x0, ctx, r, p):
+        """Two-lane parallel residual (PR #1204/#1529): attention reads lane0, MLP reads lane1."""
+        x_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
+        a = (self.attn_scale * self.s_out) * self.attn(rms_norm(x_in) * self.s_in, x_in, ctx)
+        m = (self.mlp_scale * self.s_out) * self.mlp(rms_norm(lane1) * self.s_in)
+        return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
+
+
+def layer_order(cfg: Config, looping: bool) -> list[int]:
+    """Virtual layer sequence: [0..s-1] + [s..e] x (NUM_LOOPS+1) + [e+1..L-1] when looping."""
+    L = cfg.num_layers
+    if not (looping and cfg.num_loops > 0):
+        return list(range(L))
+    s, e = cfg.loop_start, cfg.loop_end
+    return list(range(s)) + list(range(s, e + 1)) * (cfg.num_loops + 1) + list(range(e + 1, L))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config, bos_id: int = 1):
+        super().__init__()
+        self.cfg, self.bos_id = cfg, bos_id
+        V, dim, L = cfg.vocab_size, cfg.model_dim, cfg.num_layers
+        self.tok_emb = nn.Embedding(V, dim)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, V, zero_init=True)
+        if cfg.bigram_hash:
+            self.bigram_table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
+            nn.init.zeros_(self.bigram_table.weight)
+            self.bigram_proj = CastedLinear(cfg.bigram_dim, dim, zero_init=True)
+            self.bigram_scale = nn.Parameter(torch.tensor(0.05))
+        if cfg.smear_gate and cfg.smear_gate_mode == "v1":
+            self.smear_gamma = nn.Parameter(torch.zeros(dim))
+        elif cfg.smear_gate:
+            self.smear_w = nn.Parameter(torch.zeros(1, cfg.smear_width))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if cfg.ve_layer_ids() and cfg.ve_dim > 0:
+            self.ve_shared = nn.Embedding(V, cfg.ve_dim)
+            nn.init.normal_(self.ve_shared.weight, std=0.01)
+            self.ve_proj = CastedLinear(cfg.ve_dim, cfg.num_kv_heads * cfg.d_head, zero_init=True)
+            self.ve_scale = nn.Parameter(torch.tensor(0.1))
+        if cfg.ve_layer_ids():
+            self.ve_layer_scales = nn.Parameter(torch.ones(L))
+        if cfg.value_residual:
+            self.vr_lambdas = nn.Parameter(torch.full((L, 2), 0.5))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        n_skip = max(min(len(o) // 2, len(o) - len(o) // 2) for o in (layer_order(cfg, False), layer_order(cfg, True)))
+        if cfg.unet_skips and n_skip:
+            self.skip_weights = nn.Parameter(torch.ones(n_skip, dim))
+            if cfg.skip_gates_enabled:
+                self.skip_gates = nn.Parameter(torch.zeros(n_skip, dim))
+        if cfg.parallel_start_layer > 0:
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), cfg.parallel_resid_init))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+        self.looping_active = False
+
+    # -- embedding stream ------------------------------------------------------------------------
+    def embed(self, ids):
+        cfg = self.cfg
+        x = self.tok_emb(ids)
+        if cfg.bigram_hash:  # (36313*t XOR 27191*t_prev) mod (B-1); position 0 -> bucket B-1
+            prev = F.pad(ids[:, :-1], (1, 0))
+            h = torch.bitwise_xor(36313 * ids, 27191 * prev) % (cfg.bigram_buckets - 1)
+            h[:, 0] = cfg.bigram_buckets - 1
+            x = x + self.bigram_scale * self.bigram_proj(self.bigram_table(h))
+        not_bos = (ids != self.bos_id).unsqueeze(-1) if cfg.smear_bos_fix else None
+        if cfg.smear_gate and cfg.smear_gate_mode == "v2":  # x_t += l*sigmoid(w x_t[:W]) x_{t-1}
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+            gate = torch.sigmoid(F.linear(x[..., :cfg.smear_width], self.smear_w.to(x.dtype)))
+            term = self.smear_lambda * gate * prev
+            x = x + (term * not_bos if not_bos is not None else term)
+        x = rms_norm(x)
+        if cfg.smear_gate and cfg.smear_gate_mode == "v1":  # x_t = (1-g) x_t + g x_{t-1}, g = sigmoid(gamma)
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+            g = torch.sigmoid(self.smear_gamma)
+            mixed = (1 - g) * x + g * prev
+            x = torch.where(not_bos, mixed, x) if not_bos is not None else mixed
+        return x
+
+    def hidden(self, ids, masks=None):
+        cfg = self.cfg
+        x = self.embed(ids)
+        x0 = x
+        ctx: dict = {"ids": ids, "masks": masks}
+        if cfg.value_residual:
+            ctx["vr_lambdas"] = self.vr_lambdas
+        if cfg.ve_layer_ids():
+            ctx["ve_layer_scales"] = self.ve_layer_scales
+            if cfg.ve_dim > 0:
+                ctx["ve_shared"] = self.ve_scale * self.ve_proj(self.ve_shared(ids))
+        order = layer_order(cfg, self.looping_active)
+        n_enc = len(order) // 2
+        skips: list = []
+        lanes = None
+        for vi, li in enumerate(order):
+            block = self.blocks[li]
+            if vi >= n_enc:
+                j = vi - n_enc
+                if cfg.unet_skips and skips and j < self.skip_weights.size(0):
+                    skip = self.skip_weights[j] * skips.pop()
+                    tgt = lanes[0] if lanes is not None else x
+                    if cfg.skip_gates_enabled:  # lerp(w*skip, x, sigmoid(g))
+                        sg = torch.sigmoid(self.skip_gates[j])
+                        tgt = sg * tgt + (1 - sg) * skip
+                    else:
+                        tgt = tgt + skip
+                    if lanes is not None:
+                        lanes = (tgt, lanes[1])
+                    else:
+                        x = tgt
+                if cfg.parallel_start_layer > 0 and li >= cfg.parallel_start_layer:
+                    if lanes is None:
+                        lanes = (x, x)
+                    lanes = block.forward_parallel(lanes[0], lanes[1], x0, ctx, self.parallel_resid_lambdas[li], self.parallel_post_lambdas[li])
+                    continue
+            if lanes is not None:  # a sequential block after parallel ones: merge the lanes first
+                x, lanes = (lanes[0] + lanes[1]) * 0.5, None
+            x = block(x, x0, ctx)
+            if vi < n_enc:
+                skips.append(x)
+        if lanes is not None:
+            x = (lanes[0] + lanes[1]) * 0.5
+        return rms_norm(x)
+
+    def logits_from_hidden(self, h):
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.effective_weight()
+        logits = F.linear(h, w.to(h.dtype))
+        if getattr(self, "head_lora", None) is not None:
+            a, b, s = self.head_lora
+            logits = logits + F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * s
+        logits = logits.float()
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(logits / c) if c > 0 else logits
+
+    def forward_logits(self, ids, masks=None):
+        return self.logits_from_hidden(self.hidden(ids, masks))
+
+    def forward(self, ids, targets, masks=None, reduction: str = "mean"):
+        logits = self.forward_logits(ids, masks)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+@torch.no_grad()
+def bake_shared_heads(model: GPT):
+    """SHD: write the tied rows into the raw weights and switch the tie off, so the stored matrices
+    hold identical shared rows (compressible) and the forward uses them directly. Idempotent."""
+    for m in model.modules():
+        if isinstance(m, CastedLinear) and m.shared:
+            m.weight.copy_(tie_shared_rows(m.weight, *m.shared))
+            m.shared = None
+
+
+def attention_path(cfg: Config, device) -> tuple[bool, bool]:
+    """(use flash-attn, use FlexAttention) for this device and config."""
+    use_flash = device.type == "cuda" and FLASH_ATTN is not None and cfg.attn_backend in ("auto", "flash") and not cfg.doc_attention
+    return use_flash, device.type == "cuda" and not use_flash and cfg.attn_backend != "sdpa"
+
+
+_MASK_CACHE: dict = {}
+
+
+def make_masks(cfg: Config, x: torch.Tensor, bos_id: int):
+    """Mask objects for a batch (None when every layer takes the plain causal fast path).
+    Window-only masks are static and cached; document masks depend on the batch."""
+    use_flash, use_flex = attention_path(cfg, x.device)
+    if use_flash or not (cfg.doc_attention or any(cfg.layer_windows())):
+        return None
+    if cfg.doc_attention:
+        return build_masks(cfg, x.size(1), x.device, x, use_flex, bos_id)
+    key = (tuple(cfg.layer_windows()), x.size(1), str(x.device), use_flex)
+    if key not in _MASK_CACHE:
+        _MASK_CACHE[key] = build_masks(cfg, x.size(1), x.device, None, use_flex, bos_id)
+    return _MASK_CACHE[key]
+
+# ----------------------------------------------------------------------------------------------
+# OPTIMIZERS: Muon (Polar-Express Newton-Schulz, Nesterov, MuonEq-R, decoupled WD) for block
+# matrices, AdamW for embeddings / head / scalars. Each rank orthogonalizes only its share of the
+# matrices; one all-reduce combines the updates (PR #1394 scheme).
+# ----------------------------------------------------------------------------------------------
+
+POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+STOCK_NS = [(3.4445, -4.7750, 2.0315)]
+
+
+def newton_schulz(G: torch.Tensor, steps: int, coeffs: tuple) -> torch.Tensor:
+    """Approximate the orthogonal polar factor of G (bf16 on CUDA, fp32 on CPU)."""
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = X.size(0) > X.size(1)
+    if tall:
+        X = X.T
+    X = X / (X.norm() + 1e-7)
+    for i in range(steps):
+        a, b, c = coeffs[i % len(coeffs)]
+        A = X @ X.T
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr, momentum, backend_steps, row_normalize, weight_decay, coeffs, rank=0, world=1, ns_fn=None):
+        super().__init__(params, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.backend_steps, self.row_normalize, self.coeffs = backend_steps, row_normalize, tuple(coeffs)
+        self.rank, self.world = rank, world
+        self.ns = ns_fn or newton_schulz
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            off = 0
+            for i, p in enumerate(params):
+                if i % self.world == self.rank:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(mom).add_(p.grad)
+                    u = p.grad.add(buf, alpha=mom)  # Nesterov
+                    if self.row_normalize:
+                        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    u = self.ns(u, self.backend_steps, self.coeffs)
+                    u = u * math.sqrt(max(1.0, p.size(0) / p.size(1)))
+                    flat[off:off + p.numel()] = u.reshape(-1).to(flat.dtype)
+                off += p.numel()
+            if self.world > 1:
+                dist.all_reduce(flat)
+            off = 0
+            for p in params:
+                p.mul_(1 - lr * wd)
+                p.add_(flat[off:off + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
+                off += p.numel()
+
+
+def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """muon: 2-D matrices inside blocks (+ bigram/VE projections); embed: token-indexed tables;
+    head: an untied output head; scalar: every vector and every control tensor."""
+    groups: dict[str, list] = {"muon": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if name in EMBED_NAMES or name.endswith("ve_table.weight"):
+            groups["embed"].append((name, p))
+        elif name == "lm_head.weight":
+            groups["head"].append((name, p))
+        elif p.ndim == 2 and not any(c in name for c in CONTROL_PATTERNS) and (name.startswith("blocks.") or name.startswith(("bigram_proj", "ve_proj"))):
+            groups["muon"].append((name, p))
+        else:
+            groups["scalar"].append((name, p))
+    return groups
+
+
+class Optimizers:
+    """All optimizers of a run; `step(lr_mul, step)` applies the schedule and momentum warmup."""
+
+    def __init__(self, model: GPT, cfg: Config, rank=0, world=1, ns_fn=None):
+        self.cfg = cfg
+        g = param_groups(model)
+        fused = dict(fused=True) if next(model.parameters()).is_cuda else {}
+        adam = lambda params, lr, wd: torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=wd, **fused)
+        embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+        self.opts: list[torch.optim.Optimizer] = []
+        self.muon = None
+        if g["muon"]:
+            coeffs = POLAR_EXPRESS if cfg.muon_ns_coeffs == "polar" else STOCK_NS
+            self.muon = Muon([p for _, p in g["muon"]], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps, cfg.muon_row_normalize, cfg.muon_wd, coeffs, rank, world, ns_fn)
+            self.opts.append(self.muon)
+        if g["embed"]:
+            self.opts.append(adam([p for _, p in g["embed"]], embed_lr, cfg.embed_wd))
+        if g["head"]:
+            self.opts.append(adam([p for _, p in g["head"]], cfg.head_lr, cfg.embed_wd))
+        if g["scalar"]:
+            self.opts.append(adam([p for _, p in g["scalar"]], cfg.scalar_lr, cfg.adam_wd))
+
+    def step(self, lr_mul: float, step: int):
+        cfg = self.cfg
+        for opt in self.opts:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_mul
+        if self.muon is not None:
+            w = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps > 0 else 1.0
+            for group in self.muon.param_groups:
+                group["momentum"] = (1 - w) * cfg.muon_momentum_warmup_start + w * cfg.muon_momentum
+        for opt in self.opts:
+            opt.step()
+
+    def zero_grad(self):
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return [opt.state_dict() for opt in self.opts]
+
+    def load_state_dict(self, states):
+        for opt, s in zip(self.opts, states):
+            opt.load_state_dict(s)
+
+
+def lr_multiplier(cfg: Config, frac: float, step: int, avg_step_ms: float, remaining_ms: float) -> float:
+    """Flat, then linear warmdown over the last WARMDOWN_FRAC of training (by wallclock), floored at
+    MIN_LR. WARMDOWN_ITERS>0 instead counts the last N steps, converted to time by the step time."""
+    if cfg.warmdown_iters > 0:
+        if cfg.max_wallclock_seconds > 0:
+            span = cfg.warmdown_iters * max(avg_step_ms, 1e-6)
+            mul = remaining_ms / span if remaining_ms < span else 1.0
+        else:
+            left = cfg.iterations - step
+            mul = left / cfg.warmdown_iters if left < cfg.warmdown_iters else 1.0
+        return max(mul, cfg.min_lr)
+    if cfg.warmdown_frac <= 0 or frac < 1 - cfg.warmdown_frac:
+        return 1.0
+    return max((1 - frac) / cfg.warmdown_frac, cfg.min_lr)
+
+
+class EMA:
+    """fp32 shadow of every parameter, e <- d*e + (1-d)*w after each step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params] if self.params[0].dtype != torch.float32 else [p.detach() for p in self.params], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module):
+        for p, s in zip(model.parameters(), self.shadow):
+            p.copy_(s.to(p.dtype))
+
+# ----------------------------------------------------------------------------------------------
+# TRAINING LOOP: compile warmup (rolled back), wallclock-driven LR schedule, EMA, lagged all-reduced
+# stop flag (all ranks stop on the same step, no per-step host sync), NaN abort, periodic val.
+# ----------------------------------------------------------------------------------------------
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class Logger:
+    """key:value lines to stdout and RUN_DIR/train.log (rank 0 only)."""
+
+    def __init__(self, path: Path | None, rank: int):
+        self.path, self.rank = path, rank
+
+    @staticmethod
+    def fmt(v) -> str:
+        if isinstance(v, bool):
+            return str(int(v))
+        if isinstance(v, float):
+            return f"{v:.6f}" if abs(v) < 1e5 else f"{v:.1f}"
+        return str(v).replace(" ", "_").replace("\n", "_")
+
+    def __call__(self, event: str, **kv):
+        if self.rank != 0:
+            return
+        line = " ".join([f"event:{event}"] + [f"{k}:{self.fmt(v)}" for k, v in kv.items()])
+        self.raw(line)
+
+    def raw(self, line: str):
+        if self.rank != 0:
+            return
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def autocast_ctx(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class Trainer:
+    """Owns the model, its compiled/DDP wrappers, optimizers, EMA and the training data stream."""
+
+    def __init__(self, cfg: Config, model: GPT, device, rank: int, world: int, train_files: list[str], log: Logger):
+        self.cfg, self.model, self.device, self.rank, self.world, self.log = cfg, model, device, rank, world, log
+        self.accum = cfg.grad_accum_steps or max(1, 8 // world)
+        denom = world * self.accum * cfg.train_seq_len
+        if cfg.train_batch_tokens % denom:
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must be a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN={denom}")
+        self.local_tokens = cfg.train_batch_tokens // (world * self.accum)
+        self.train_files = train_files
+        use_compile = cfg.compile and device.type == "cuda"
+        ns_fn = torch.compile(newton_schulz) if use_compile else None
+        self.fwd = torch.compile(model, dynamic=False) if use_compile else model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.fwd = DDP(self.fwd, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False, gradient_as_bucket_view=True)
+        self.opts = Optimizers(model, cfg, rank, world, ns_fn)
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
+        self.loader = self.new_loader()
+
+    def new_loader(self):
+        return DistributedLoader(self.train_files, self.rank, self.world, self.local_tokens, self.cfg.train_seq_len, self.device, self.cfg.prefetch_batches)
+
+    def step(self, step: int, lr_mul: float) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self.loader.next()
+            sync = self.fwd.no_sync() if (self.world > 1 and micro < self.accum - 1) else contextlib.nullcontext()
+            with sync, autocast_ctx(self.device):
+                loss = self.fwd(x, y, make_masks(self.cfg, x, self.model.bos_id))
+            (loss / self.accum).backward()
+            total += loss.detach()
+        if self.cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
+        self.opts.step(lr_mul, step)
+        self.opts.zero_grad()
+        if self.ema is not None:
+            self.ema.update()
+        return total / self.accum
+
+    def warmup(self):
+        """Prime torch.compile (both loop modes) on real steps, then restore every state and the loader."""
+        cfg = self.cfg
+        if cfg.warmup_steps <= 0:
+            return
+        model_state = copy.deepcopy(self.model.state_dict())
+        opt_state = copy.deepcopy(self.opts.state_dict())
+        modes = [False, True] if cfg.num_loops > 0 else [False]
+        t0 = time.perf_counter()
+        for looping in modes:
+            self.model.looping_active = looping
+            for i in range(cfg.warmup_steps):
+                self.step(i, 1.0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.model.load_state_dict(model_state)
+        self.opts.load_state_dict(opt_state)
+        self.model.looping_active = False
+        if self.ema is not None:
+            self.ema = EMA(self.model, cfg.ema_decay)
+        self.loader.close()
+        self.loader = self.new_loader()
+        self.log("warmup", steps=cfg.warmup_steps * len(modes), seconds=time.perf_counter() - t0, rolled_back=1)
+
+    def train(self, evaluate: Callable[[], tuple[float, float]] | None) -> dict:
+        cfg, dev = self.cfg, self.device
+        budget_ms = 1000 * (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if cfg.max_wallclock_seconds > 0 else 0.0
+        tokens_per_step = cfg.train_batch_tokens
+        train_ms, step, last_log_t, last_log_step = 0.0, 0, None, 0
+        nonfinite = torch.zeros((), device=dev, dtype=torch.bool)
+        pending = None  # (flag tensor, async work) of the previous step
+        step_times: list[float] = []
+        stop_reason = "iterations"
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        last_log_t = t0
+        while True:
+            elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+            frac = elapsed_ms / budget_ms if budget_ms > 0 else step / cfg.iterations
+            if cfg.num_loops > 0 and not self.model.looping_active and frac >= cfg.enable_looping_at:
+                self.model.looping_active = True
+                self.log("layer_loop", enabled=1, step=step, frac=frac)
+            avg_ms = elapsed_ms / max(step, 1)
+            lr_mul = lr_multiplier(cfg, frac, step, avg_ms, budget_ms - elapsed_ms)
+            loss = self.step(step, lr_mul)
+            nonfinite |= ~torch.isfinite(loss)
+            step += 1
+            elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+            flag = torch.stack([torch.tensor(float((budget_ms > 0 and elapsed_ms >= budget_ms) or step >= cfg.iterations), device=dev), nonfinite.float()])
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True) if self.world > 1 else None
+            # Read the PREVIOUS step's flag (its GPU work is long done), so the host never waits on this step.
+            if dev.type != "cuda":  # on CPU there is nothing to overlap: act on this step's flag
+                pending = (flag, work)
+            if pending is not None:
+                f, w = pending
+                if w is not None:
+                    w.wait()
+                stop, bad = f.tolist()
+                if bad:
+                    raise TrainingError(f"loss became NaN/inf by step {step}: training diverged (try a lower MATRIX_LR/TIED_EMBED_LR or GRAD_CLIP_NORM>0)")
+                if stop:
+                    stop_reason = "wallclock" if budget_ms > 0 and elapsed_ms >= budget_ms else "iterations"
+                    break
+            pending = (flag, work)
+            if step % cfg.train_log_every == 0 or step == 1:
+                lv = loss.item()
+                now = time.perf_counter()
+                dt = (now - last_log_t) / max(step - last_log_step, 1)
+                if step > 1:
+                    step_times.append(dt)
+                last_log_t, last_log_step = now, step
+                elapsed_s = (train_ms + 1000 * (now - t0)) / 1000
+                self.log("train", step=step, loss=lv, lr_mul=lr_mul, ms_step=1000 * dt, tok_s=tokens_per_step / dt,
+                         elapsed_s=elapsed_s, remaining_s=(budget_ms / 1000 - elapsed_s) if budget_ms else 0.0)
+            if cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0 and evaluate is not None:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                train_ms += 1000 * (time.perf_counter() - t0)
+                vl, vb = evaluate()
+                self.log("val", step=step, val_loss=vl, val_bpb=vb, elapsed_s=train_ms / 1000)
+                t0 = time.perf_counter()
+                last_log_t = t0
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        train_ms += 1000 * (time.perf_counter() - t0)
+        self.loader.close()
+        ms_step = train_ms / max(step, 1)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
+        self.log("stop", step=step, train_s=train_ms / 1000, reason=stop_reason, ms_step=ms_step,
+                 tok_s=tokens_per_step / (ms_step / 1000), peak_mem_gib=peak if peak is not None else "na")
+        return dict(steps=step, train_seconds=train_ms / 1000, ms_per_step=ms_step, tokens_per_s=tokens_per_step / (ms_step / 1000),
+                    peak_mem_gib=peak, stop_reason=stop_reason)
+# =====================================================================================
+# QUANTIZATION / PACKING
+#   SDClip scales, RTN and GPTQ (int2..int8, symmetric, per-row fp16 scales), int8 gates,
+#   LQER low-rank error correction, the "PGQ1" non-pickle container, byte shuffle and
+#   self-describing compression. Nothing here knows the model: callers pass names, plans
+#   and Hessians (H = sum X^T X over the *input* columns of each weight, shape (cols, cols)).
+# =====================================================================================
+import importlib
+import json
+import lzma
+import math
+import re
+import struct
+
+import numpy as np
+import torch
+
+_FP16_TINY, _FP16_MAX = 2.0 ** -24, 65504.0  # smallest positive / largest finite fp16
+
+
+def _qmax(bits: int) -> int:
+    if not 2 <= int(bits) <= 8:
+        raise ValueError(f"bits must be in 2..8 (int8 container), got {bits}")
+    return (1 << (int(bits) - 1)) - 1
+
+
+def _as_rows(W: torch.Tensor) -> torch.Tensor:
+    """View any >=1-d tensor as (rows, last_dim): the unit that gets one scale."""
+    if W.ndim == 0:
+        raise ValueError("cannot row-quantize a 0-d tensor")
+    return W.reshape(1, -1) if W.ndim == 1 else W.reshape(-1, W.shape[-1])
+
+
+def _fp16_scale(s: torch.Tensor) -> torch.Tensor:
+    """Cast scales to fp16 without ever producing 0/inf/nan (a zero scale would make q = w/0)."""
+    s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+    return s.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16)
+
+
+def sdclip_scales(W: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
+    """SDClip: s_r = k*std(W_r)/qmax per row, as fp16 (shape (rows,)).
+
+    The clip is a multiple of the row std rather than an MSE search because the entropy of the
+    quantized values (hence compressed size) falls monotonically with k. Constant rows (std=0)
+    fall back to absmax/qmax; all-zero rows get scale 1 (every q is 0 anyway).
+    """
+    qmax = _qmax(bits)
+    W2 = _as_rows(W.detach()).float()
+    std = W2.std(dim=1) if W2.shape[1] > 1 else torch.zeros(W2.shape[0], device=W2.device)
+    s = float(clip_sigmas) * std / qmax
+    absmax = W2.abs().amax(dim=1) if W2.shape[1] else torch.zeros_like(s)
+    return _fp16_scale(torch.where(torch.isfinite(s) & (s > 0), s, absmax / qmax))
+
+
+def _round_to_grid(W2: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int | None = None):
+    # Always divide by the *fp16-rounded* scale so that dequantization q*s is the exact grid.
+    s = scale.to(W2.dtype).reshape(-1, 1)
+    return torch.clamp(torch.round(W2 / s), -qmax if qmin is None else qmin, qmax)
+
+
+def quantize_rtn(W: torch.Tensor, bits: int, clip_sigmas: float):
+    """Round-to-nearest on the SDClip grid -> (q int8 with W's shape, scale fp16 (rows,))."""
+    scale = sdclip_scales(W, bits, clip_sigmas)
+    q = _round_to_grid(_as_rows(W.detach()).float(), scale, _qmax(bits))
+    return q.to(torch.int8).reshape(W.shape), scale
+
+
+def quantize_absmax_rows(W: torch.Tensor, bits: int = 8):
+    """Per-row absmax quantization (scale = rowmax/qmax): used for small gate matrices."""
+    qmax = _qmax(bits)
+    W2 = _as_rows(W.detach()).float()
+    scale = _fp16_scale(W2.abs().amax(dim=1) / qmax if W2.shape[1] else W2.new_ones(W2.shape[0]))
+    return _round_to_grid(W2, scale, qmax).to(torch.int8).reshape(W.shape), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """q*s with one scale per row (last dim). Exact in fp32: |q|<=127 times an fp16 scale."""
+    s = scale.to(torch.float32).reshape(*q.shape[:-1], 1) if q.ndim >= 1 else scale.float()
+    return (q.to(torch.float32) * s).to(dtype)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float,
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = True,
+                  max_retries: int = 4, math_dtype: torch.dtype = torch.float64,
+                  return_info: bool = False):
+    """GPTQ (Frantar et al.) on the SDClip grid -> (q int8 (rows, cols), scale fp16 (rows,)).
+
+    W: (rows, cols) weight used as y = x @ W.T;  H: (cols, cols) ~ sum of x^T x (any float
+    dtype/device, only its relative scale matters). Runs on W's device in `math_dtype`
+    (float64 default: no TF32 surprises, deterministic, cheap at these sizes).
+    If the Cholesky of H+damping fails, damping is multiplied by 10 up to `max_retries` times;
+    if it still fails (or H/W are non-finite) we fall back to RTN on the same grid.
+    With return_info=True also returns {"damp": relative damping used, "retries", "fallback"}.
+    """
+    if W.ndim != 2:
+        raise ValueError(f"gptq_quantize needs a 2-d weight, got shape {tuple(W.shape)}")
+    rows, cols = W.shape
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight cols {cols}")
+    qmax, dev = _qmax(bits), W.device
+    scale = sdclip_scales(W, bits, clip_sigmas)  # std of the original, unpermuted row
+    info = {"damp": None, "retries": 0, "fallback": None}
+
+    def fallback(reason):
+        q, s = quantize_rtn(W, bits, clip_sigmas)
+        info["fallback"] = reason
+        return (q, s, info) if return_info else (q, s)
+
+    if rows == 0 or cols == 0:
+        return fallback(None)
+    Wf = W.detach().to(dev, math_dtype).clone()
+    Hf = H.detach().to(dev, math_dtype).clone()
+    if not (torch.isfinite(Hf).all() and torch.isfinite(Wf).all()):
+        return fallback("non-finite H or W")
+
+    # 1. Dead inputs (never activated): give them unit curvature and a zero weight.
+    diag = Hf.diagonal()
+    dead = torch.nonzero(diag == 0).squeeze(1)
+    Hf[dead, dead] = 1.0
+    Wf[:, dead] = 0.0
+    # 2-3. Damping is relative to the mean curvature; act-order = most salient columns first
+    # (stable sort keeps ties deterministic).
+    mean_diag = float(diag.mean())
+    base = mean_diag if math.isfinite(mean_diag) and mean_diag > 0 else 1.0
+    perm = (torch.argsort(diag, descending=True, stable=True) if act_order
+            else torch.arange(cols, device=dev))
+    Wf, Hf = Wf[:, perm], Hf[perm][:, perm]
+    eye = torch.eye(cols, dtype=math_dtype, device=dev)
+    # 4. Hinv = upper Cholesky factor of H^-1 (its rows give the optimal error feedback).
+    Hinv = None
+    for attempt in range(max_retries + 1):
+        rel = damp if attempt == 0 else max(damp, 1e-3) * 10 ** attempt
+        L, bad = torch.linalg.cholesky_ex(Hf + (rel * base) * eye)
+        if int(bad) == 0:
+            U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(bad) == 0 and torch.isfinite(U).all():
+                Hinv, info["damp"], info["retries"] = U, rel, attempt
+                break
+    if Hinv is None:
+        info["retries"] = max_retries
+        return fallback("cholesky failed")
+
+    # 5-6. Column sweep: quantize column j, push its scaled error onto the not-yet-quantized
+    # columns of the block immediately, and onto all later columns lazily once per block.
+    s = scale.to(dev, math_dtype).unsqueeze(1)
+    Q = torch.zeros_like(Wf)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, H1 = Wf[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            w = W1[:, j:j + 1]
+            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            Q[:, i1 + j:i1 + j + 1] = q
+            e = (w - q * s) / H1[j, j]
+            W1[:, j:] -= e * H1[j:j + 1, j:]
+            Err[:, j:j + 1] = e
+        if i2 < cols:
+            Wf[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    # 7. Undo the permutation.
+    q = Q[:, torch.argsort(perm)].to(torch.int8)
+    return (q, scale, info) if return_info else (q, scale)
+
+
+# ---- LQER: low-rank correction of the quantization error E = W - W_hat ------------------------
+
+def lqer_factors(W: torch.Tensor, W_hat: torch.Tensor, rank: int, asym: bool = True,
+                 group: int = 64, refit: bool = False) -> dict:
+    """Rank-r SVD of E = W - W_hat, factors quantized to tiny grids.
+
+    asym (when B.numel % group == 0): A = U_r diag(S_r) -> INT2 {-2,-1,0,1} with one fp16 scale
+    max|A|/1.5; B = V_r^T -> INT4 [-8,7] per `group` consecutive flattened elements, scale
+    group_absmax/7.5. Otherwise symmetric: per-row INT4 [-7,7] (absmax/7) for both.
+    refit=True (not in the reference) re-solves B by least squares against the *quantized* A
+    before quantizing B; it can only lower the pre-quantization error.
+    Returns {"mode","rank","group","a_q","a_s","b_q","b_s"} (int8 / fp16 tensors on W's device).
+    """
+    if W.ndim != 2 or W.shape != W_hat.shape:
+        raise ValueError(f"lqer_factors needs matching 2-d tensors, got {tuple(W.shape)} "
+                         f"and {tuple(W_hat.shape)}")
+    E = W.detach().double() - W_hat.detach().to(W.device).double()
+    r = max(0, min(int(rank), *E.shape))
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    if asym and group > 0 and B.numel() % group == 0:
+        a_s = _fp16_scale(A.abs().amax().reshape(1) / 1.5 if A.numel() else torch.ones(1))
+        a_q = _round_to_grid(A.reshape(1, -1), a_s, 1, -2).reshape(A.shape)
+        if refit and r:
+            B = torch.linalg.pinv(a_q * a_s.double()) @ E
+        Bg = B.reshape(-1, group)
+        b_s = _fp16_scale(Bg.abs().amax(dim=1) / 7.5)
+        b_q = _round_to_grid(Bg, b_s, 7, -8).reshape(B.shape)
+        mode = "asym"
+    else:
+        a_s = _fp16_scale(A.abs().amax(dim=1) / 7) if r else torch.ones(A.shape[0]).half()
+        a_q = _round_to_grid(A, a_s, 7)
+        if refit and r:
+            B = torch.linalg.pinv(a_q * a_s.double().unsqueeze(1)) @ E
+        b_s = _fp16_scale(B.abs().amax(dim=1) / 7)
+        b_q = _round_to_grid(B, b_s, 7)
+        mode = "sym"
+    return {"mode": mode, "rank": r, "group": int(group), "a_q": a_q.to(torch.int8),
+            "a_s": a_s, "b_q": b_q.to(torch.int8), "b_s": b_s}
+
+
+def lqer_delta(f: dict) -> torch.Tensor:
+    """The dense fp32 correction (q_A s_A)(q_B s_B) described by lqer_factors' output."""
+    a_q, b_q = f["a_q"], f["b_q"]
+    if f["mode"] == "asym":
+        A = a_q.float() * f["a_s"].float().reshape(1, 1)
+        g = int(f["group"])
+        B = (b_q.float().reshape(-1, g) * f["b_s"].float().reshape(-1, 1)).reshape(b_q.shape)
+    elif f["mode"] == "sym":
+        A = a_q.float() * f["a_s"].float().reshape(-1, 1)
+        B = b_q.float() * f["b_s"].float().reshape(-1, 1)
+    else:
+        raise ValueError(f"unknown LQER mode {f['mode']!r}")
+    return A @ B.to(A.device)
+
+
+def lqer_apply(W_hat: torch.Tensor, factors: dict) -> torch.Tensor:
+    return (W_hat.float() + lqer_delta(factors).to(W_hat.device)).to(W_hat.dtype)
+
+
+def select_lqer_targets(errors: dict, top_k: int) -> list:
+    """Names of the top_k largest errors (ties broken by name, so the choice is deterministic)."""
+    ranked = sorted(errors.items(), key=lambda kv: (-float(kv[1]), kv[0]))
+    return [name for name, _ in ranked[:max(0, int(top_k))]]
+
+
+# ---- "PGQ1" container ----------------------------------------------------------------------------
+# Layout (all little-endian):
+#   b"PGQ1" | uint32 header_len | header (UTF-8 JSON) | data
+#   header = {"version": 1, "tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...],
+#             "meta": <user JSON>}
+# Entries are listed in the caller's order; offsets are relative to the start of `data`, where
+# tensors are stored grouped by dtype (all int8 together, then fp16, ...) so that similar bytes
+# sit next to each other for the compressor. No pickle anywhere: loading is pure parsing.
+
+PGQ_MAGIC = b"PGQ1"
+_PACK_DTYPES = {  # name -> (torch dtype, numpy little-endian storage dtype); order = data layout
+    "int8": (torch.int8, "<i1"), "uint8": (torch.uint8, "<u1"), "bool": (torch.bool, "<u1"),
+    "int16": (torch.int16, "<i2"), "int32": (torch.int32, "<i4"), "int64": (torch.int64, "<i8"),
+    "float16": (torch.float16, "<f2"), "bfloat16": (torch.bfloat16, "<i2"),
+    "float32": (torch.float32, "<f4"), "float64": (torch.float64, "<f8"),
+}
+_DTYPE_NAMES = {td: name for name, (td, _) in _PACK_DTYPES.items()}
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    if dt not in _DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype for packing: {dt}")
+    return _DTYPE_NAMES[dt]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)  # numpy has no bf16: ship the raw 16-bit patterns
+    elif t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.numpy().astype(_PACK_DTYPES[_dtype_name(t.dtype)][1], copy=False).tobytes()
+
+
+def pack_state(tensors: dict, meta: dict | None = None) -> bytes:
+    """Serialize {name: tensor} plus a JSON-able meta dict into the PGQ1 byte format."""
+    order = list(_PACK_DTYPES)
+    names = list(tensors)
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise ValueError(f"tensor names must be non-empty strings, got {n!r}")
+    layout = sorted(range(len(names)), key=lambda i: (order.index(_dtype_name(tensors[names[i]].dtype)), i))
+    chunks, entries, off = [], [None] * len(names), 0
+    for i in layout:
+        t = tensors[names[i]]
+        b = _tensor_bytes(t)
+        entries[i] = {"name": names[i], "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
+                      "offset": off, "nbytes": len(b)}
+        chunks.append(b)
+        off += len(b)
+    header = json.dumps({"version": 1, "tensors": entries, "meta": meta or {}},
+                        separators=(",", ":")).encode("utf-8")
+    return PGQ_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+
+
+def unpack_state(buf) -> tuple:
+    """Inverse of pack_state -> (tensors dict in original order, meta). Validates everything and
+    raises ValueError naming the problem on any malformed input."""
+    buf = bytes(buf) if not isinstance(buf, bytes) else buf
+    if len(buf) < 8:
+        raise ValueError(f"PGQ1 blob truncated: {len(buf)} bytes, need at least 8")
+    if buf[:4] != PGQ_MAGIC:
+        raise ValueError(f"bad magic {buf[:4]!r}: not a PGQ1 blob (expected {PGQ_MAGIC!r})")
+    (hlen,) = struct.unpack("<I", buf[4:8])
+    if 8 + hlen > len(buf):
+        raise ValueError(f"PGQ1 header length {hlen} exceeds blob size {len(buf)} (truncated?)")
+    try:
+        header = json.loads(buf[8:8 + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"PGQ1 header is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict) or header.get("version") != 1 \
+            or not isinstance(header.get("tensors"), list) or not isinstance(header.get("meta"), dict):
+        raise ValueError("PGQ1 header must be {'version': 1, 'tensors': [...], 'meta': {...}}")
+    data = memoryview(buf)[8 + hlen:]
+    out, spans = {}, []
+    for k, e in enumerate(header["tensors"]):
+        if not isinstance(e, dict):
+            raise ValueError(f"PGQ1 tensor entry #{k} is not an object")
+        name, dt, shape = e.get("name"), e.get("dtype"), e.get("shape")
+        off, nb = e.get("offset"), e.get("nbytes")
+        if not isinstance(name, str) or not name or name in out:
+            raise ValueError(f"PGQ1 tensor entry #{k}: missing or duplicate name {name!r}")
+        if dt not in _PACK_DTYPES:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {dt!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: invalid shape {shape!r}")
+        if type(off) is not int or type(nb) is not int or off < 0 or nb < 0:
+            raise ValueError(f"tensor {name!r}: invalid offset/nbytes {off!r}/{nb!r}")
+        tdt, npdt = _PACK_DTYPES[dt]
+        numel = math.prod(shape)
+        if nb != numel * np.dtype(npdt).itemsize:
+            raise ValueError(f"tensor {name!r}: nbytes {nb} does not match shape {shape} of {dt}")
+        if off + nb > len(data):
+            raise ValueError(f"tensor {name!r}: byte range [{off}, {off + nb}) out of range of "
+                             f"the {len(data)}-byte data section (truncated or corrupt)")
+        arr = np.frombuffer(data, dtype=npdt, count=numel, offset=off).copy()
+        t = torch.from_numpy(arr).reshape(shape)
+        if dt == "bfloat16":
+            t = t.view(torch.bfloat16)
+        elif dt == "bool":
+            t = t.to(torch.bool)
+        out[name] = t
+        spans.append((off, off + nb, name))
+    end = 0
+    for a, b, name in sorted(spans):
+        if a < end:
+            raise ValueError(f"tensor {name!r}: byte range overlaps a previous tensor")
+        end = max(end, b)
+    if end != len(data):
+        raise ValueError(f"PGQ1 data section has {len(data) - end} unexpected trailing bytes")
+    return out, header["meta"]
+
+
+# ---- byte shuffle + compression ------------------------------------------------------------------
+
+BSHF_MAGIC, BLOB_MAGIC = b"BSHF", b"PGZ"
+_CODEC_IDS = {"none": b"N", "brotli": b"B", "zstd": b"Z", "lzma": b"X"}
+
+
+def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
+    """b"BSHF" + stride byte + bytes at offsets = 0 mod stride, then 1 mod stride, ...
+    Stride 2 separates low/high bytes of 16-bit values, which compress much better apart."""
+    if not 1 <= int(stride) <= 255:
+        raise ValueError(f"byte_shuffle stride must be in 1..255, got {stride}")
+    data = bytes(data)
+    return BSHF_MAGIC + bytes([stride]) + b"".join(data[i::stride] for i in range(stride))
+
+
+def byte_unshuffle(blob: bytes) -> bytes:
+    blob = bytes(blob)
+    if len(blob) < 5 or blob[:4] != BSHF_MAGIC:
+        raise ValueError("not a byte-shuffled blob (missing BSHF magic)")
+    stride, payload = blob[4], blob[5:]
+    if stride < 1:
+        raise ValueError("byte-shuffled blob has invalid stride 0")
+    n, out, pos = len(payload), bytearray(len(payload)), 0
+    for i in range(stride):
+        cnt = (n - i + stride - 1) // stride if n > i else 0
+        out[i::stride] = payload[pos:pos + cnt]
+        pos += cnt
+    return bytes(out)
+
+
+def _import_codec(module: str, pip_name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeError(f"compressor needs the Python package {pip_name!r} "
+                           f"(pip install {pip_name})") from None
+
+
+def compress_blob(raw: bytes, compressor: str = "brotli", shuffle: int = 2) -> bytes:
+    """b"PGZ" + codec id byte + compressed payload. shuffle>1 byte-shuffles first; the shuffle
+    is self-describing (BSHF magic), so decompress_blob undoes it automatically."""
+    if compressor not in _CODEC_IDS:
+        raise ValueError(f"unknown compressor {compressor!r}; choose from {sorted(_CODEC_IDS)}")
+    raw = bytes(raw)
+    if shuffle and shuffle > 1:
+        raw = byte_shuffle(raw, shuffle)
+    elif raw[:4] == BSHF_MAGIC:
+        raw = byte_shuffle(raw, 1)  # identity wrap keeps auto-detection unambiguous
+    if compressor == "brotli":
+        payload = _import_codec("brotli", "brotli").compress(raw, quality=11, lgwin=24)
+    elif compressor == "zstd":
+        payload = _import_codec("zstandard", "zstandard").ZstdCompressor(level=22).compress(raw)
+    elif compressor == "lzma":
+        payload = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+    else:
+        payload = raw
+    return BLOB_MAGIC + _CODEC_IDS[compressor] + payload
+
+
+def decompress_blob(blob: bytes) -> bytes:
+    blob = bytes(blob)
+    if len(blob) < 4 or blob[:3] != BLOB_MAGIC:
+        raise ValueError(f"not a compressed PGZ blob (header {blob[:4]!r})")
+    codec = {v: k for k, v in _CODEC_IDS.items()}.get(blob[3:4])
+    if codec is None:
+        raise ValueError(f"unknown codec id {blob[3:4]!r} in PGZ blob")
+    payload = blob[4:]
+    if codec == "brotli":
+        decode = _import_codec("brotli", "brotli").decompress
+    elif codec == "zstd":
+        decode = _import_codec("zstandard", "zstandard").ZstdDecompressor().decompress
+    else:
+        decode = lzma.decompress if codec == "lzma" else bytes
+    try:
+        raw = decode(payload)
+    except Exception as e:  # each library raises its own error type on corrupt input
+        raise ValueError(f"corrupt {codec} payload: {e}") from None
+    return byte_unshuffle(raw) if raw[:4] == BSHF_MAGIC else raw
+
+
+# ---- state-dict driver ---------------------------------------------------------------------------
+# plan(name, tensor) -> spec  (or a dict name -> spec), where spec is one of
+#   ("gptq", bits, clip_sigmas[, damp])  GPTQ with hessians[name]   -> name.q int8, name.scale fp16
+#   ("rtn", bits, clip_sigmas)           round-to-nearest, same grid -> name.q, name.scale
+#   ("int8_row",)                        per-row absmax/127          -> name.q, name.scale
+#   ("fp16",) / ("bf16",) / ("fp32",)    cast passthrough            -> name
+#   ("raw",)                             stored unchanged (any packable dtype) -> name
+# LQER factors of a target go to name.lqer.{a_q,a_s,b_q,b_s}.
+# meta = {"format": "pgq-state-v1",
+#         "tensors": {name: {"scheme", "dtype" (original), "shape", ["bits", "clip_sigmas"],
+#                            ["lqer": {"mode", "rank", "group"}]}},
+#         "stats":   {name: {"mse", "rel_fro", ["rel_out" (H-weighted), "gptq": {...},
+#                            "lqer_rel_fro" / "lqer_skipped"]}}}
+# Only "format" and "tensors" are needed to decode; drop "stats" (meta_for_storage) to save bytes.
+
+_CAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_LQER_KEYS = ("a_q", "a_s", "b_q", "b_s")
+
+
+def classify_tensor(name: str, numel: int, ndim: int, patterns, default_matrix=("gptq", 6, 12.85),
+                    small_numel: int = 65536, small=("fp16",)):
+    """Generic plan helper: first (regex, spec[, min_numel, max_numel]) in `patterns` whose regex
+    is found in `name` (and whose numel bounds hold) wins; else small or <2-d tensors -> `small`,
+    everything else -> `default_matrix`."""
+    for p in patterns:
+        rx, spec = p[0], p[1]
+        lo = p[2] if len(p) > 2 and p[2] is not None else 0
+        hi = p[3] if len(p) > 3 and p[3] is not None else float("inf")
+        if re.search(rx, name) and lo <= numel <= hi:
+            return tuple(spec)
+    return tuple(small) if ndim < 2 or numel <= small_numel else tuple(default_matrix)
+
+
+def meta_for_storage(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "stats"}
+
+
+def _err_stats(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None = None) -> dict:
+    W, E = W.double(), W.double() - W_hat.to(W.device).double()
+    st = {"mse": float(E.pow(2).mean()) if E.numel() else 0.0,
+          "rel_fro": float(E.norm() / W.norm().clamp_min(1e-30))}
+    if H is not None:  # relative output error tr(E H E^T) / tr(W H W^T): what GPTQ minimizes
+        Hd = H.to(W.device, torch.float64)
+        st["rel_out"] = float(((E @ Hd) * E).sum() / ((W @ Hd) * W).sum().clamp_min(1e-30))
+    return st
+
+
+def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: int = 0,
+                        lqer_top_k: int = 0, lqer_group: int = 64, lqer_asym: bool = True,
+                        lqer_refit: bool = False, block_size: int = 128, damp: float = 0.01,
+                        act_order: bool = True, on_missing_hessian: str = "error"):
+    """Quantize every tensor per `plan` -> (tensors to pack (CPU), meta). See the schema above.
+    on_missing_hessian: "error" (default) or "rtn" (fall back, recorded in stats)."""
+    tensors, meta = {}, {"format": "pgq-state-v1", "tensors": {}, "stats": {}}
+    errors = {}  # LQER candidates: name -> ||W - W_hat||_F
+
+    def put(key, t):
+        if key in tensors:
+            raise ValueError(f"stored tensor name collision on {key!r}")
+        tensors[key] = t.detach().cpu().contiguous()
+
+    for name, t in state_dict.items():
+        spec = plan(name, t) if callable(plan) else plan.get(name)
+        if spec is None:
+            raise ValueError(f"no quantization plan for tensor {name!r}")
+        spec = tuple(spec)
+        kind = spec[0]
+        entry = {"scheme": kind, "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+        st = {}
+        if kind in ("gptq", "rtn", "int8_row"):
+            if not t.is_floating_point() or t.ndim == 0:
+                raise ValueError(f"tensor {name!r}: scheme {kind} needs a >=1-d float tensor")
+            W = t.detach()
+            H = hessians.get(name) if hessians else None
+            if kind == "gptq" and W.ndim != 2:
+                raise ValueError(f"tensor {name!r}: gptq needs a 2-d weight, got {tuple(W.shape)}")
+            if kind == "gptq" and H is None:
+                if on_missing_hessian != "rtn":
+                    raise ValueError(f"tensor {name!r}: plan says gptq but no Hessian was given")
+                kind = entry["scheme"] = "rtn"
+                st["fallback"] = "no hessian"
+            if kind == "int8_row":
+                q, s = quantize_absmax_rows(W, 8)
+            else:
+                bits, k = int(spec[1]), float(spec[2])
+                entry.update(bits=bits, clip_sigmas=k)
+                if kind == "gptq":
+                    d = float(spec[3]) if len(spec) > 3 else damp
+                    q, s, st["gptq"] = gptq_quantize(W, H.to(W.device), bits, k, block_size, d,
+                                                     act_order, return_info=True)
+                else:
+                    q, s = quantize_rtn(W, bits, k)
+            put(name + ".q", q)
+            put(name + ".scale", s)
+            W_hat = dequantize(q, s)
+            ok_h = H is not None and W.ndim == 2 and tuple(H.shape) == (W.shape[1],) * 2
+            st.update(_err_stats(W, W_hat, H if ok_h else None))
+            if kind in ("gptq", "rtn") and W.ndim == 2:
+                errors[name] = float((W.double() - W_hat.to(W.device).double()).norm())
+        elif kind in _CAST:
+            put(name, t.to(_CAST[kind]))
+            if t.is_floating_point():
+                st.update(_err_stats(t.detach(), tensors[name]))
+        elif kind == "raw":
+            _dtype_name(t.dtype)  # fail early on unpackable dtypes
+            put(name, t)
+        else:
+            raise ValueError(f"tensor {name!r}: unknown scheme {kind!r}")
+        meta["tensors"][name], meta["stats"][name] = entry, st
+
+    if lqer_rank > 0 and lqer_top_k > 0:
+        for name in select_lqer_targets(errors, lqer_top_k):
+            W = state_dict[name].detach()
+            W_hat = dequantize(tensors[name + ".q"], tensors[name + ".scale"]).to(W.device)
+            f = lqer_factors(W, W_hat, lqer_rank, lqer_asym, lqer_group, lqer_refit)
+            new_err = float((W.double() - lqer_apply(W_hat, f).double()).norm())
+            if not new_err < errors[name]:  # never store a correction that does not help
+                meta["stats"][name]["lqer_skipped"] = True
+                continue
+            for k in _LQER_KEYS:
+                put(f"{name}.lqer.{k}", f[k])
+            meta["tensors"][name]["lqer"] = {"mode": f["mode"], "rank": f["rank"], "group": f["group"]}
+            meta["stats"][name]["lqer_rel_fro"] = new_err / max(float(W.double().norm()), 1e-30)
+    return tensors, meta
+
+
+def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
+    """Inverse of quantize_state_dict: {name: tensor with the original dtype and shape}."""
+    if not isinstance(meta, dict) or meta.get("format") != "pgq-state-v1":
+        raise ValueError("meta is not a pgq-state-v1 quantization manifest")
+
+    def get(key):
+        if key not in tensors:
+            raise ValueError(f"artifact is missing stored tensor {key!r}")
+        return tensors[key].to(device)
+
+    out = {}
+    for name, e in meta["tensors"].items():
+        scheme, shape = e["scheme"], tuple(e["shape"])
+        dtype = _PACK_DTYPES[e["dtype"]][0] if e.get("dtype") in _PACK_DTYPES else None
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: unknown original dtype {e.get('dtype')!r}")
+        if scheme in ("gptq", "rtn", "int8_row"):
+            W = dequantize(get(name + ".q"), get(name + ".scale"))
+            if "lqer" in e:
+                f = dict(e["lqer"], **{k: get(f"{name}.lqer.{k}") for k in _LQER_KEYS})
+                W = W + lqer_delta(f)
+            out[name] = W.reshape(shape).to(dtype)
+        elif scheme in _CAST or scheme == "raw":
+            out[name] = get(name).reshape(shape).to(dtype)
+        else:
+            raise ValueError(f"tensor {name!r}: unknown scheme {scheme!r}")
+    return out
+
+
+def serialize_state(tensors: dict, meta: dict, compressor: str = "brotli", shuffle: int = 2) -> bytes:
+    """pack_state + compress_blob; `meta` is stored as given (use meta_for_storage to slim it)."""
+    return compress_blob(pack_state(tensors, meta), compressor, shuffle)
+
+
+def deserialize_state(blob: bytes) -> tuple:
+    return unpack_state(decompress_blob(blob))
+
+# ----------------------------------------------------------------------------------------------
+# QUANTIZATION OF THIS MODEL: Hessians E[x x^T] from TRAINING batches (inside the budget), the
+# per-tensor plan (bits / clip sigmas by class), and the artifact (config + quantized weights).
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def collect_hessians(model: GPT, loader: DistributedLoader, n_batches: int, device, world: int) -> dict[str, torch.Tensor]:
+    """Inputs of every block linear (looped layers accumulate once per visit) and, for the tied
+    embedding (or untied head), the final-norm output that feeds the output projection."""
+    H: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def add(name, x):
+        x = x.reshape(-1, x.size(-1)).float()
+        if name not in H:
+            H[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        H[name].addmm_(x.T, x)
+
+    for mname, mod in model.named_modules():
+        if isinstance(mod, CastedLinear) and mname.startswith("blocks.") and min(mod.weight.shape) > 1:
+            hooks.append(mod.register_forward_pre_hook(lambda m, inp, n=mname + ".weight": add(n, inp[0])))
+    head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(n_batches):
+            x, _y = loader.next()
+            with autocast_ctx(device):
+                add(head, model.hidden(x, make_masks(model.cfg, x, model.bos_id)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    for k in sorted(H):
+        if world > 1:
+            dist.all_reduce(H[k])
+        H[k] /= n_batches * world
+    return H
+
+
+def quant_plan(cfg: Config) -> Callable:
+    mb, eb = cfg.matrix_bits, cfg.embed_bits
+
+    def plan(name: str, t: torch.Tensor):
+        big = t.ndim == 2 and t.numel() > 65536
+        if cfg.quant == "int8" and big:
+            return ("int8_row",)
+        kind = "gptq" if cfg.quant == "gptq" else "rtn"
+        if name == "tok_emb.weight":
+            return (kind if cfg.tie_embeddings else "rtn", eb, cfg.embed_clip_sigmas)
+        if name == "lm_head.weight":
+            return (kind, mb, cfg.matrix_clip_sigmas)
+        if name.endswith(("ve_table.weight", "ve_shared.weight", "bigram_table.weight")) and big:
+            return ("rtn", eb, cfg.embed_clip_sigmas)
+        if name.startswith("blocks.") and big and ".attn." in name:
+            return (kind, mb, cfg.attn_clip_sigmas)
+        if name.startswith("blocks.") and big and ".mlp." in name:
+            return (kind, mb, cfg.mlp_clip_sigmas)
+        if big:
+            return ("rtn", mb, cfg.matrix_clip_sigmas)
+        if cfg.gate_quant_int8 and t.ndim == 2 and 32 <= t.numel() <= 8192 and re.search(r"attn_gate_w|attn_out_gate_w|attn_gate\.weight", name):
+            return ("int8_row",)
+        return ("fp16",) if t.is_floating_point() else ("raw",)
+    return plan
+
+
+def quantize_model(model: GPT, cfg: Config, hessians: dict) -> tuple[dict, dict]:
+    sd = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+    return quantize_state_dict(sd, hessians, quant_plan(cfg), lqer_rank=cfg.lqer_rank if cfg.lqer_enabled else 0,
+                               lqer_top_k=cfg.lqer_top_k, lqer_group=cfg.lqer_group, block_size=cfg.gptq_block_size,
+                               damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, on_missing_hessian="rtn")
+
+
+def build_artifact(tensors: dict, qmeta: dict, cfg: Config, bos_id: int) -> bytes:
+    meta = meta_for_storage(qmeta)
+    meta["model_config"] = {k: v for k, v in cfg.to_dict().items()}
+    meta["bos_id"] = bos_id
+    return serialize_state(tensors, meta, cfg.compressor)
+
+
+def load_artifact(blob: bytes, device, env_overrides: Mapping[str, str] | None = None) -> tuple[GPT, Config]:
+    """Fresh model from the artifact alone: config from its manifest, weights dequantized."""
+    tensors, meta = deserialize_state(blob)
+    if "model_config" not in meta:
+        raise ValueError("artifact has no model_config: not written by this train_gpt.py")
+    vals = dict(meta["model_config"])
+    by = {f.name: f for f in FIELDS}
+    for k, v in (env_overrides or {}).items():  # eval-side knobs may be overridden at load
+        name = ALIASES.get(k, k)
+        if name in by and name in EVAL_OVERRIDABLE:
+            vals[name] = _parse(by[name], v, k)
+    for f in FIELDS:  # artifacts from older versions may lack new knobs
+        vals.setdefault(f.name, f.default)
+    cfg = Config(vals)
+    cfg._validate()
+    model = GPT(cfg, int(meta.get("bos_id", 1)))
+    bake_shared_heads(model)  # stored weights are already baked; the forward must not re-tie
+    sd = dequantize_state_dict(tensors, meta)
+    missing = set(model.state_dict()) - set(sd)
+    if missing:
+        raise ValueError(f"artifact lacks tensors {sorted(missing)[:5]}... for this config")
+    model.load_state_dict(sd)
+    model.looping_active = cfg.num_loops > 0
+    return model.to(device), cfg
+
+
+EVAL_OVERRIDABLE = {"DATA_PATH", "TOKENIZER_PATH", "VAL_MAX_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS",
+                    "SLIDING_EVAL", "MAX_EVAL_SECONDS", "TTT_ENABLED", "TTT_LORA_RANK", "TTT_LORA_ALPHA", "TTT_LR",
+                    "TTT_CHUNK_TOKENS", "TTT_EPOCHS", "TTT_TARGETS", "ATTN_BACKEND", "COMPILE", "RUN_ID", "RUN_DIR", "SEED"}
+
+# ----------------------------------------------------------------------------------------------
+# EVALUATION: val_bpb = sum(NLL nats) / ln2 / sum(bytes). Plain eval is the sliding eval with
+# stride = seq_len; every target token is scored exactly once (the tail included). Score-first
+# LoRA TTT trains only on chunks that were already scored.
+# ----------------------------------------------------------------------------------------------
+
+def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """(input start, scored count) per window. Window inputs are tokens[s : s+L] and score its last
+    `n` positions; targets 1..N-1 are each covered exactly once, later windows with full context."""
+    if n_tokens - 1 <= seq_len:
+        return [(0, n_tokens - 1)]
+    wins, end = [(0, seq_len)], seq_len + 1  # `end`: first target index not yet scored
+    while end < n_tokens:
+        new_end = min(end + stride, n_tokens)
+        wins.append((new_end - 1 - seq_len, new_end - end))
+        end = new_end
+    return wins
+
+
+class LUTs:
+    def __init__(self, luts, device):
+        self.base, self.lead, self.boundary = (torch.as_tensor(a, device=device) for a in luts)
+
+    def bytes(self, prev, tgt):
+        return self.base[tgt] + (self.lead[tgt] & ~self.boundary[prev]).long()
+
+
+@torch.no_grad()
+def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, batch: int, luts: LUTs, device, per_window: bool = False):
+    """Sum of NLL (float64), scored targets, bytes over `wins` (this rank's share)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_tok = torch.zeros((), dtype=torch.float64, device=device)
+    n_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    L = min(seq_len, len(tokens) - 1)
+    ar = torch.arange(L, device=device)
+    for i in range(0, len(wins), batch):
+        chunk = list(wins[i:i + batch])
+        pad = batch - len(chunk)
+        starts = torch.tensor([s for s, _ in chunk] + [chunk[0][0]] * pad)
+        ns = torch.tensor([n for _, n in chunk] + [0] * pad, device=device)
+        idx = starts[:, None] + torch.arange(L + 1)[None, :]
+        seq = tokens[idx].to(device, non_blocking=True)
+        x, y = seq[:, :-1], seq[:, 1:]
+        with autocast_ctx(device):
+            nll = fwd(x, y, make_masks(model.cfg, x, model.bos_id), "none").double()
+        m = ar[None, :] >= (L - ns)[:, None]
+        loss_sum += (nll * m).sum()
+        n_tok += m.sum()
+        n_bytes += (luts.bytes(x, y) * m).sum()
+    return loss_sum, n_tok, n_bytes
+
+
+def _all_reduce(*ts, world: int):
+    if world > 1:
+        buf = torch.stack(list(ts))
+        dist.all_reduce(buf)
+        return tuple(buf.unbind(0))
+    return ts
+
+
+def evaluate(fwd, model: GPT, tokens: torch.Tensor, seq_len: int, stride: int, batch: int, luts: LUTs, device, rank: int, world: int):
+    """Distributed windowed eval -> (val_loss nats/token, val_bpb, scored tokens, bytes)."""
+    wins = eval_windows(len(tokens), seq_len, stride)
+    lo, hi = rank * len(wins) // world, (rank + 1) * len(wins) // world
+    was = model.training
+    model.eval()
+    ls, nt, nb = score_windows(fwd, model, tokens, wins[lo:hi], seq_len, batch, luts, device)
+    model.train(was)
+    ls, nt, nb = _all_reduce(ls, nt, nb, world=world)
+    loss = (ls / nt).item()
+    return loss, loss / math.log(2) * (nt / nb).item(), int(nt.item()), int(nb.item())
+
+
+def ttt_chunks(wins, chunk_tokens: int) -> list[list[tuple[int, int]]]:
+    chunks, cur, n = [], [], 0
+    for w in wins:
+        cur.append(w)
+        n += w[1]
+        if n >= chunk_tokens:
+            chunks.append(cur)
+            cur, n = [], 0
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def attach_lora(model: GPT, cfg: Config, device, seed: int = 0) -> list[nn.Parameter]:
+    """LoRA deltas on the chosen linears (and head); the forward code path stays the training one."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r, scale = cfg.ttt_lora_rank, cfg.ttt_lora_alpha / cfg.ttt_lora_rank
+    names = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "up": "mlp.fc", "down": "mlp.proj"}
+    targets = [t.strip() for t in cfg.ttt_targets.split(",") if t.strip()]
+    params = []
+
+    def make(in_f, out_f):
+        a = nn.Parameter(((torch.rand(r, in_f, generator=g) * 2 - 1) / math.sqrt(in_f)).to(device))
+        b = nn.Parameter(torch.zeros(out_f, r, device=device))
+        params.extend([a, b])
+        return (a, b, scale)
+
+    for block in model.blocks:
+        for t in targets:
+            if t in names:
+                lin = block.get_submodule(names[t])
+                lin.lora = make(lin.weight.size(1), lin.weight.size(0))
+    if "head" in targets:
+        model.head_lora = make(cfg.model_dim, cfg.vocab_size)
+    return params
+
+
+def detach_lora(model: GPT):
+    for m in model.modules():
+        if isinstance(m, CastedLinear):
+            m.lora = None
+    model.head_lora = None
+
+
+def eval_ttt(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, device, rank: int, world: int, log: Logger | None = None):
+    """Score-first TTT: for each chunk of windows, first score it (no grad), then train the LoRA on
+    exactly those already-scored targets. Returns (val_loss, val_bpb, per-chunk (loss_sum, tokens))."""
+    L = min(cfg.eval_seq_len, len(tokens) - 1)
+    chunks = ttt_chunks(eval_windows(len(tokens), cfg.eval_seq_len, cfg.eval_stride), cfg.ttt_chunk_tokens)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = attach_lora(model, cfg, device, cfg.seed)
+    opt = torch.optim.AdamW(lora, lr=cfg.ttt_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    tot = torch.zeros(3, dtype=torch.float64, device=device)
+    per_chunk = []
+    model.eval()
+    try:
+        for ci, cw in enumerate(chunks):
+            lo, hi = rank * len(cw) // world, (rank + 1) * len(cw) // world
+            s = torch.stack(score_windows(model, model, tokens, cw[lo:hi], cfg.eval_seq_len, cfg.eval_batch_seqs, luts, device))
+            if world > 1:
+                dist.all_reduce(s)
+            tot += s
+            per_chunk.append((s[0].item(), s[1].item()))
+            if ci == len(chunks) - 1:
+                break
+            # Train on this chunk's scored targets only: target indices [t0, t1).
+            t0 = cw[0][0] + (L - cw[0][1]) + 1
+            t1 = cw[-1][0] + L + 1
+            seg = tokens[t0 - 1:t1]
+            n_rows = max(1, math.ceil((len(seg) - 1) / L))
+            pad = n_rows * L + 1 - len(seg)
+            seg = torch.cat([seg, seg.new_zeros(pad)]) if pad > 0 else seg
+            xs = torch.stack([seg[i * L:i * L + L] for i in range(n_rows)])
+            ys = torch.stack([seg[i * L + 1:i * L + L + 1] for i in range(n_rows)])
+            valid = (torch.arange(n_rows * L).view(n_rows, L) < (t1 - t0))
+            mine = list(range(rank, n_rows, world))
+            count = valid.sum().item()
+            for _ in range(cfg.ttt_epochs):
+                opt.zero_grad(set_to_none=False)
+                for i in mine:
+                    x, y, v = xs[i:i + 1].to(device), ys[i:i + 1].to(device), valid[i:i + 1].to(device)
+                    with autocast_ctx(device):
+                        nll = model(x, y, make_masks(cfg, x, model.bos_id), "none")
+                    ((nll * v).sum() / count).backward()
+                for p in lora:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                if world > 1:
+                    flat = torch.cat([p.grad.reshape(-1) for p in lora])
+                    dist.all_reduce(flat)
+                    o = 0
+                    for p in lora:
+                        p.grad.copy_(flat[o:o + p.numel()].view_as(p))
+                        o += p.numel()
+                opt.step()
+            if log is not None and (ci % 50 == 0):
+                rl = (tot[0] / tot[1]).item()
+                log("ttt_progress", chunk=ci + 1, chunks=len(chunks), running_loss=rl, running_bpb=rl / math.log(2) * (tot[1] / tot[2]).item())
+    finally:
+        detach_lora(model)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    loss = (tot[0] / tot[1]).item()
+    return loss, loss / math.log(2) * (tot[1] / tot[2]).item(), per_chunk
+
+# ----------------------------------------------------------------------------------------------
+# MAIN: setup -> data -> model -> warmup + train -> EMA -> Hessians -> pre-quant eval -> GPTQ ->
+# artifact (atomic, budget-checked) -> roundtrip / sliding / TTT eval from the artifact -> summary.
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    world, rank, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def resolve_run_dir(cfg: Config, rank: int, world: int) -> Path:
+    """Rank 0 picks RUN_DIR and refuses one that already holds a run: earlier results are never destroyed."""
+    obj = [None]
+    if rank == 0:
+        run_id = cfg.run_id or time.strftime("%Y%m%d_%H%M%S") + f"_seed{cfg.seed}"
+        run_dir = Path(cfg.run_dir or os.path.join("runs", run_id))
+        taken = [n for n in ("summary.json", "final_model.ptz", "train.log") if (run_dir / n).exists()]
+        obj[0] = str(run_dir) if not taken else "ERR:" + f"RUN_DIR={run_dir} already holds a run ({', '.join(taken)}); set a new RUN_ID or RUN_DIR"
+        if not taken:
+            run_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.broadcast_object_list(obj, src=0)
+    if obj[0].startswith("ERR:"):
+        raise ConfigError(obj[0][4:])
+    return Path(obj[0])
+
+
+def code_info() -> tuple[bytes, str]:
+    """The bytes of the file that runs: this is what ships and what the budget counts."""
+    code = Path(__file__).read_bytes()
+    return code, hashlib.sha256(code).hexdigest()
+
+
+def warm_compiled(fwd, cfg: Config, device, vocab: int, batch: int):
+    """Compile warmup on RANDOM tokens (never validation data), outside the eval timer."""
+    if fwd is None:
+        return 0.0
+    t0 = time.perf_counter()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randint(0, vocab, (batch, cfg.eval_seq_len + 1), generator=g).to(device)
+    with torch.no_grad(), autocast_ctx(device):
+        fwd(x[:, :-1], x[:, 1:], make_masks(cfg, x[:, :-1], 1), "none")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, rank: int, world: int, log: Logger, t_load: float) -> dict:
+    """Roundtrip (plain), sliding and optional TTT eval of a model loaded from the artifact."""
+    use_compile = cfg.compile and device.type == "cuda"
+    fwd = torch.compile(model, dynamic=False) if use_compile else model
+    L = min(cfg.eval_seq_len, len(val) - 1)
+    warm_s = warm_compiled(fwd if use_compile else None, cfg, device, cfg.vocab_size, cfg.eval_batch_seqs)
+    out: dict[str, Any] = {"eval_warmup_seconds": warm_s}
+    t0 = time.perf_counter()
+    rl, rb, nt, nb = evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world)
+    t1 = time.perf_counter()
+    log("roundtrip", val_loss=rl, val_bpb=rb, eval_s=t1 - t0, tokens=nt, bytes=nb)
+    out.update(quant_val_loss=rl, quant_val_bpb=rb, val_tokens=nt, val_bytes=nb, final_val_loss=rl, final_val_bpb=rb, final_metric="roundtrip")
+    out.update(sliding_val_loss=None, sliding_val_bpb=None, ttt_val_loss=None, ttt_val_bpb=None)
+    if cfg.sliding_eval and cfg.eval_stride < L:
+        sl, sb, nt2, _ = evaluate(fwd, model, val, L, cfg.eval_stride, cfg.eval_batch_seqs, luts, device, rank, world)
+        t2 = time.perf_counter()
+        assert nt2 == nt, "sliding eval must score exactly the same targets as the plain eval"
+        n_win = len(eval_windows(len(val), L, cfg.eval_stride))
+        log("sliding", val_loss=sl, val_bpb=sb, eval_s=t2 - t1, tokens=nt2, tok_s=n_win * L / (t2 - t1), windows=n_win)
+        out.update(sliding_val_loss=sl, sliding_val_bpb=sb, sliding_seconds=t2 - t1, final_val_loss=sl, final_val_bpb=sb, final_metric="sliding")
+    if cfg.ttt_enabled:
+        t3 = time.perf_counter()
+        tl, tb, _ = eval_ttt(model, val, cfg, luts, device, rank, world, log)
+        log("ttt", val_loss=tl, val_bpb=tb, eval_s=time.perf_counter() - t3)
+        out.update(ttt_val_loss=tl, ttt_val_bpb=tb, final_val_loss=tl, final_val_bpb=tb, final_metric="ttt")
+    out["eval_seconds"] = t_load + time.perf_counter() - t0
+    log("final", val_loss=out["final_val_loss"], val_bpb=out["final_val_bpb"], metric=out["final_metric"], eval_s=out["eval_seconds"])
+    return out
+
+
+def load_eval_data(cfg: Config, log: Logger, device):
+    sp, luts_np = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
+    val = load_val_tokens(cfg.data_path, cfg.val_max_tokens)
+    if int(val.max()) >= cfg.vocab_size:
+        raise DataError(f"{cfg.data_path}: val token id {int(val.max())} >= VOCAB_SIZE={cfg.vocab_size}: vocab mismatch with the data")
+    return sp, LUTs(luts_np, device), torch.from_numpy(val.astype(np.int64))
+
+
+def write_summary(run_dir: Path, summary: dict, rank: int, log: Logger):
+    if rank == 0:
+        atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=1, default=str).encode())
+        log("summary", path=run_dir / "summary.json")
+
+
+def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> int:
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch._dynamo.config.cache_size_limit = 64
+    run_dir = resolve_run_dir(cfg, rank, world)
+    log = Logger(run_dir / "train.log", rank)
+    code, code_sha = code_info()
+    if rank == 0:
+        atomic_write_bytes(run_dir / "train_gpt.py", code)
+    log("config", **cfg.to_dict())
+    log("env", torch=torch.__version__, cuda=torch.version.cuda or "none", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        world_size=world, flash_attn=FLASH_ATTN or "none", code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
+    base = dict(run_id=run_dir.name, seed=cfg.seed, code_sha256=code_sha, code_bytes=len(code), config=cfg.to_dict(), world_size=world,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch_version=torch.__version__,
+                cuda_version=torch.version.cuda, max_wallclock_seconds=cfg.max_wallclock_seconds, max_eval_seconds=cfg.max_eval_seconds,
+                bytes_limit=BYTES_LIMIT)
+    if eval_only:
+        return run_eval_only(cfg, Path(eval_only), rank, world, device, log, run_dir, base)
+    if cfg.preset == "smoke":
+        if rank == 0:
+            build_smoke_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, lambda m: log.raw(m))
+        barrier(world)
+    sp, luts, val = load_eval_data(cfg, log, device)
+    bos = sp.bos_id() if sp.bos_id() >= 0 else 1
+    train_files = shard_files(cfg.data_path, "train")
+    first = load_shard(train_files[0])
+    if first.size and int(first[: 1 << 20].max()) >= cfg.vocab_size:
+        raise DataError(f"{train_files[0]}: token id >= VOCAB_SIZE={cfg.vocab_size}: vocab mismatch with the data")
+    log("data", train_shards=len(train_files), train_tokens=sum(read_shard_header(f) for f in train_files), val_tokens=len(val) - 1,
+        tokenizer_pieces=sp.vocab_size(), bos_id=bos)
+
+    model = GPT(cfg, bos).to(device)
+    log("model", params=sum(p.numel() for p in model.parameters()), layers_virtual=len(layer_order(cfg, True)))
+    trainer = Trainer(cfg, model, device, rank, world, train_files, log)
+    L = min(cfg.eval_seq_len, len(val) - 1)
+    periodic = (lambda: evaluate(model, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world)[:2]) if cfg.val_loss_every > 0 else None
+    trainer.warmup()
+    stats = trainer.train(periodic)
+
+    # EMA weights replace the live ones; SHD rows are baked before the Hessians see the model.
+    if trainer.ema is not None:
+        trainer.ema.copy_to(model)
+    bake_shared_heads(model)
+    t0 = time.perf_counter()
+    hessians = {}
+    if cfg.quant == "gptq":
+        calib = DistributedLoader(train_files, rank, world, trainer.local_tokens, cfg.train_seq_len, device, prefetch=0, reverse=True)
+        hessians = collect_hessians(model, calib, cfg.gptq_calibration_batches, device, world)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    hess_s = time.perf_counter() - t0
+    train_total = stats["train_seconds"] + hess_s
+    train_ok = cfg.max_wallclock_seconds <= 0 or train_total <= cfg.max_wallclock_seconds
+    log("gptq", hessian_s=hess_s, train_plus_hessian_s=train_total, budget_s=cfg.max_wallclock_seconds, within_budget=train_ok, hessians=len(hessians))
+
+    pl, pb, _, _ = evaluate(model, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world)
+    log("prequant", val_loss=pl, val_bpb=pb, eval_s=time.perf_counter() - t0 - hess_s)
+
+    t0 = time.perf_counter()
+    tensors, qmeta = quantize_model(model, cfg, hessians)
+    blob = build_artifact(tensors, qmeta, cfg, bos)
+    quant_s = time.perf_counter() - t0
+    art = run_dir / "final_model.ptz"
+    if rank == 0:
+        atomic_write_bytes(art, blob)
+    bytes_total = len(blob) + len(code)
+    fits = bytes_total <= BYTES_LIMIT
+    art_sha = hashlib.sha256(blob).hexdigest()
+    log("artifact", bytes_model=len(blob), bytes_code=len(code), bytes_total=bytes_total, limit=BYTES_LIMIT, fits=fits,
+        compressor=cfg.compressor, sha256=art_sha, quant_s=quant_s, path=art)
+    barrier(world)
+
+    del trainer
+    t0 = time.perf_counter()
+    qmodel, qcfg = load_artifact(art.read_bytes(), device)  # roundtrip from the file alone
+    ev = run_evals(qmodel, cfg, val, luts, device, rank, world, log, time.perf_counter() - t0)
+    eval_ok = ev["eval_seconds"] <= cfg.max_eval_seconds
+    summary = dict(base, **stats, hessian_seconds=hess_s, train_plus_hessian_seconds=train_total, prequant_val_loss=pl, prequant_val_bpb=pb,
+                   **ev, bytes_model=len(blob), bytes_code=len(code), bytes_total=bytes_total, artifact_sha256=art_sha,
+                   compressor=cfg.compressor, quant_seconds=quant_s, train_time_ok=train_ok, eval_time_ok=eval_ok, size_ok=fits)
+    write_summary(run_dir, summary, rank, log)
+    return fail_loudly(log, fits, train_ok, eval_ok, bytes_total, train_total, ev["eval_seconds"], cfg)
+
+
+def fail_loudly(log, fits, train_ok, eval_ok, bytes_total, train_total, eval_s, cfg) -> int:
+    rc = 0
+    if not fits:
+        log("error", msg=f"artifact_over_budget:{bytes_total}>{BYTES_LIMIT}_bytes_(model+code);_lower_MATRIX_BITS/EMBED_BITS,_raise_clip_sigmas_or_shrink_the_model")
+        rc = 1
+    if not train_ok:
+        log("error", msg=f"training_plus_GPTQ_Hessians_took_{train_total:.1f}s>{cfg.max_wallclock_seconds}s;_raise_GPTQ_RESERVE_SECONDS")
+        rc = 1
+    if not eval_ok:
+        log("error", msg=f"eval_took_{eval_s:.1f}s>MAX_EVAL_SECONDS={cfg.max_eval_seconds}")
+        rc = 1
+    return rc
+
+
+def run_eval_only(cfg: Config, artifact: Path, rank, world, device, log: Logger, run_dir: Path, base: dict) -> int:
+    if not artifact.is_file():
+        raise DataError(f"--eval-only {artifact}: artifact file not found")
+    t0 = time.perf_counter()
+    blob = artifact.read_bytes()
+    overrides = {k: v for k, v in os.environ.items() if ALIASES.get(k, k) in EVAL_OVERRIDABLE}
+    try:
+        qmodel, qcfg = load_artifact(blob, device, overrides)
+    except ValueError as e:
+        raise DataError(f"--eval-only {artifact}: {e}") from None
+    t_load = time.perf_counter() - t0
+    log("eval_only", artifact=artifact, bytes_model=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    _, luts, val = load_eval_data(qcfg, log, device)
+    ev = run_evals(qmodel, qcfg, val, luts, device, rank, world, log, t_load)
+    eval_ok = ev["eval_seconds"] <= qcfg.max_eval_seconds
+    bytes_total = len(blob) + base["code_bytes"]
+    summary = dict(base, config=qcfg.to_dict(), mode="eval_only", artifact=str(artifact), artifact_sha256=hashlib.sha256(blob).hexdigest(),
+                   **ev, bytes_model=len(blob), bytes_total=bytes_total, eval_time_ok=eval_ok, size_ok=bytes_total <= BYTES_LIMIT)
+    write_summary(run_dir, summary, rank, log)
+    return fail_loudly(log, bytes_total <= BYTES_LIMIT, True, eval_ok, bytes_total, 0.0, ev["eval_seconds"], qcfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    eval_only = None
+    if argv:
+        if argv[0] == "--eval-only" and len(argv) == 2:
+            eval_only = argv[1]
+        else:
+            print("usage: train_gpt.py [--eval-only ARTIFACT]   (everything else is configured by env vars)", file=sys.stderr)
+            return 2
+    try:
+        cfg = Config.from_env()
+    except ConfigError as e:
+        print(f"event:error msg:config: {e}", file=sys.stderr, flush=True)
+        return 2
+    rank, world, device = setup_distributed()
+    try:
+        return run(cfg, rank, world, device, eval_only)
+    except (ConfigError, DataError, TrainingError) as e:
+        print(f"event:error kind:{type(e).__name__} msg:{e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
