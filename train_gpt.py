@@ -2026,7 +2026,8 @@ def quantize_model(model: GPT, cfg: Config, hessians: dict) -> tuple[dict, dict]
 
 def build_artifact(tensors: dict, qmeta: dict, cfg: Config, bos_id: int) -> bytes:
     meta = meta_for_storage(qmeta)
-    meta["model_config"] = {k: v for k, v in cfg.to_dict().items()}
+    # Per-run names stay out, so the same code + seed give the same artifact bytes anywhere.
+    meta["model_config"] = {k: v for k, v in cfg.to_dict().items() if k not in ("RUN_ID", "RUN_DIR")}
     meta["bos_id"] = bos_id
     return serialize_state(tensors, meta, cfg.compressor)
 
@@ -2376,6 +2377,7 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     if first.size and int(first[: 1 << 20].max()) >= cfg.vocab_size:
         raise DataError(f"{train_files[0]}: token id >= VOCAB_SIZE={cfg.vocab_size}: vocab mismatch with the data")
     log("data", train_shards=len(train_files), train_tokens=sum(read_shard_header(f) for f in train_files), val_tokens=len(val) - 1,
+        val_bytes=int(luts.bytes(val[:-1].to(device), val[1:].to(device)).sum().item()),
         tokenizer_pieces=sp.vocab_size(), bos_id=bos)
 
     model = GPT(cfg, bos).to(device)

@@ -17,6 +17,7 @@ import pack_code  # noqa: E402
 
 HAS_BROTLI = importlib.util.find_spec("brotli") is not None
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def run_py(path: Path, env_extra: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -129,6 +130,18 @@ def test_torch_compile_traces_packed_function(tmp_path):
     assert b.returncode == 0, b.stderr
     assert a.stdout == b.stdout
     assert "graphs 1 " in b.stdout  # dynamo traced the function defined in the packed code
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (CPU box); runs where triton is")
+def test_triton_jit_kernel_in_packed_code(tmp_path):
+    src = FIX / "pack_fixture_triton.py"
+    out = tmp_path / src.name
+    pack_code.pack_file(src, out)
+    a, b = run_py(src), run_py(out)
+    assert a.returncode == 0, a.stderr
+    assert b.returncode == 0, b.stderr
+    assert a.stdout == b.stdout
+    assert "jit JITFunction True" in b.stdout
 
 
 def test_verify_passes_on_deterministic_smoke(tmp_path):

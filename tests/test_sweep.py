@@ -39,6 +39,12 @@ ALLOWED_ENV = frozenset(
     MUON_MOMENTUM_WARMUP_STEPS MUON_BACKEND_STEPS BETA1 BETA2 GRAD_CLIP_NORM EMA_ENABLED EMA_DECAY
     TRAIN_SEQ_LEN TRAIN_BATCH_TOKENS ITERATIONS WARMUP_STEPS MAX_WALLCLOCK_SECONDS EVAL_SEQ_LEN EVAL_STRIDE
     SLIDING_EVAL TTT_ENABLED SEED DATA_PATH TOKENIZER_PATH""".split()
+) | frozenset(
+    # Also in train_gpt.py's FIELDS (checked when the grids were written); needed to reproduce the seeds:
+    # SPARSE_ATTN_GATE defaults on and excludes GATED_ATTENTION / ATTN_OUT_GATE; autoresearch has no U-Net
+    # skips and untied LRs; PR #1125's baseline is int8 with stock Newton-Schulz; GPTQ settings of #1774/#1969.
+    """SPARSE_ATTN_GATE UNET_SKIPS EMBED_LR HEAD_LR QUANT MUON_NS_COEFFS MUON_ROW_NORMALIZE
+    GPTQ_RESERVE_SECONDS GPTQ_CALIBRATION_BATCHES""".split()
 )
 
 EXPECTED_IDS = {

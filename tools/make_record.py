@@ -714,8 +714,9 @@ PyTorch {sub['pytorch_version']} (CUDA {sub['cuda_version'] or 'n/a'}), Python 3
 
 ## Reproduce
 
-From this folder (data and tokenizer as set in DATA_PATH / TOKENIZER_PATH), with the exact
-configuration of these runs:
+With the exact configuration of these runs (every config value of the logs' `event:config`
+line except the per-run keys; DATA_PATH / TOKENIZER_PATH are relative to the working
+directory, adjust them to where the data is):
 
 ```bash
 {env_block}

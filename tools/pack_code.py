@@ -35,8 +35,9 @@ Usage
     python tools/pack_code.py --verify train_gpt.py [--packed build/train_gpt.py]
            [--cmd 'PRESET=smoke {python} {file}'] [--timeout 1800]
 
---verify runs the smoke command twice, with the original and with the packed file, each in a
-fresh RUN_DIR (env), from the original's folder, and passes when both exit 0, both
+--verify runs the smoke command twice, with the original and with the packed file, from the
+original's folder, each time with RUN_DIR (env) = the same fresh path (the folder is moved
+aside after each run, since the artifact may store the config incl. RUN_DIR), and passes when both exit 0, both
 RUN_DIR/final_model.ptz have the same sha256, and the packed run's log reports
 bytes_code == size of the packed file.  Exit status 0 = pass, 1 = fail.
 """
@@ -205,6 +206,9 @@ def atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; use the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -267,13 +271,18 @@ def verify(original: Path, packed: Path, cmd_template: str = DEFAULT_VERIFY_CMD,
     ok = True
     with tempfile.TemporaryDirectory(prefix="pack_verify_", dir=workdir) as tmp:
         results = {}
+        # Both runs use the same RUN_DIR path (the config, RUN_DIR included, may be stored in
+        # the artifact); each run's folder is moved aside afterwards.
+        run_path = Path(tmp) / "run"
         for label, f in (("original", original), ("packed", packed)):
-            rd = Path(tmp) / label
             try:
-                proc = run_smoke(cmd_template, f, rd, cwd, timeout)
+                proc = run_smoke(cmd_template, f, run_path, cwd, timeout)
             except subprocess.TimeoutExpired:
                 report.append(f"{label}: timed out after {timeout:.0f} s")
                 return False, report
+            rd = Path(tmp) / label
+            if run_path.exists():
+                os.rename(run_path, rd)
             art = rd / "final_model.ptz"
             results[label] = (proc, rd, art)
             report.append(f"{label}: exit {proc.returncode}, {f.stat().st_size} code bytes, "

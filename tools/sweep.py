@@ -73,7 +73,8 @@ KNOWN_CONFIG_ENV = frozenset(
     TIED_EMBED_LR TIED_EMBED_INIT_STD EMBED_WD MUON_WD ADAM_WD MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START
     MUON_MOMENTUM_WARMUP_STEPS MUON_BACKEND_STEPS BETA1 BETA2 GRAD_CLIP_NORM EMA_ENABLED EMA_DECAY
     TRAIN_SEQ_LEN TRAIN_BATCH_TOKENS ITERATIONS WARMUP_STEPS MAX_WALLCLOCK_SECONDS EVAL_SEQ_LEN EVAL_STRIDE
-    SLIDING_EVAL TTT_ENABLED SEED DATA_PATH TOKENIZER_PATH PRESET""".split()
+    SLIDING_EVAL TTT_ENABLED SEED DATA_PATH TOKENIZER_PATH PRESET SPARSE_ATTN_GATE UNET_SKIPS EMBED_LR HEAD_LR
+    QUANT MUON_NS_COEFFS MUON_ROW_NORMALIZE GPTQ_RESERVE_SECONDS GPTQ_CALIBRATION_BATCHES""".split()
 )
 
 # (record key, column title) of the val_bpb metrics, in pipeline order.
@@ -971,7 +972,8 @@ def run_sweep(grid: Grid, out_dir: Path, *, only: Sequence[Row] | None = None,
         else:
             rec["status"] = "ok"
         records[row.id] = rec
-        shown = " ".join(f"{k}={rec[k]}" for k in METRIC_KEYS_ORDER if k in rec)
+        shown = " ".join(f"{k}={rec[k]:.5g}" if isinstance(rec[k], float) else f"{k}={rec[k]}"
+                         for k in METRIC_KEYS_ORDER if k in rec)
         log(f"{tag}: {rec['status']} in {secs:.0f}s {shown}" + (f" error: {rec.get('error')}" if rec.get("error") else ""))
         assemble()
         write_reports(results, out_dir, quiet=not echo)
