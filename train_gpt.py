@@ -392,6 +392,16 @@ def unknown_knob_warnings(env: Mapping[str, str]) -> list[str]:
             out.append(f"WARNING: env var {key} looks like a train_gpt.py option but is unknown and ignored{hint}")
     return out
 
+
+def env_table_markdown() -> str:
+    """The README's env table, generated from FIELDS (a test keeps the README in sync)."""
+    rows = ["| Env var | Type | Default | Meaning |", "|---|---|---|---|"]
+    for f in FIELDS:
+        d = int(f.default) if f.type is bool else f.default
+        name = f"`{f.name}`" + (" (alias " + ", ".join(f"`{a}`" for a in f.aliases) + ")" if f.aliases else "")
+        rows.append(f"| {name} | {f.type.__name__} | `{d}` | {f.help.replace('|', '/')} |")
+    return "\n".join(rows)
+
 # ----------------------------------------------------------------------------------------------
 # DATA: challenge shards (256 x int32 header + uint16 tokens), loaders, val_bpb byte LUTs.
 # ----------------------------------------------------------------------------------------------
@@ -1323,21 +1333,11 @@ class Trainer:
             elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
             flag = torch.stack([torch.tensor(float((budget_ms > 0 and elapsed_ms >= budget_ms) or step >= cfg.iterations), device=dev), nonfinite.float()])
             work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True) if self.world > 1 else None
-            # Read the PREVIOUS step's flag (its GPU work is long done), so the host never waits on this step.
-            if dev.type != "cuda":  # on CPU there is nothing to overlap: act on this step's flag
-                pending = (flag, work)
-            if pending is not None:
-                f, w = pending
-                if w is not None:
-                    w.wait()
-                stop, bad = f.tolist()
-                if bad:
-                    raise TrainingError(f"loss became NaN/inf by step {step}: training diverged (try a lower MATRIX_LR/TIED_EMBED_LR or GRAD_CLIP_NORM>0)")
-                if stop:
-                    stop_reason = "wallclock" if budget_ms > 0 and elapsed_ms >= budget_ms else "iterations"
-                    break
-            pending = (flag, work)
             if step % cfg.train_log_every == 0 or step == 1:
+                if self.world > 1:  # log the global mean loss, not rank 0's share
+                    loss = loss.clone()
+                    dist.all_reduce(loss)
+                    loss /= self.world
                 lv = loss.item()
                 now = time.perf_counter()
                 dt = (now - last_log_t) / max(step - last_log_step, 1)
@@ -1355,6 +1355,20 @@ class Trainer:
                 self.log("val", step=step, val_loss=vl, val_bpb=vb, elapsed_s=train_ms / 1000)
                 t0 = time.perf_counter()
                 last_log_t = t0
+            # Read the PREVIOUS step's flag (its GPU work is long done), so the host never waits on this step.
+            if dev.type != "cuda":  # on CPU there is nothing to overlap: act on this step's flag
+                pending = (flag, work)
+            if pending is not None:
+                f, w = pending
+                if w is not None:
+                    w.wait()
+                stop, bad = f.tolist()
+                if bad:
+                    raise TrainingError(f"loss became NaN/inf by step {step}: training diverged (try a lower MATRIX_LR/TIED_EMBED_LR or GRAD_CLIP_NORM>0)")
+                if stop:
+                    stop_reason = "wallclock" if budget_ms > 0 and elapsed_ms >= budget_ms else "iterations"
+                    break
+            pending = (flag, work)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         train_ms += 1000 * (time.perf_counter() - t0)
