@@ -268,7 +268,7 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
         if isinstance(v, float):
             if math.isnan(v):
                 return "-"
-            return f"{v:,.0f}" if abs(v) >= 1e4 else (f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}")
+            return f"{v:,.0f}" if abs(v) >= 1e3 else (f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}")
         return str(v).replace("|", "\\|")
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(f(v) for v in r) + " |" for r in rows]
