@@ -52,12 +52,14 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def build_env(tiny: bool, sets: Mapping[str, str], defaults: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Precedence (low -> high): script defaults, --tiny preset, process env, --set."""
+def build_env(tiny: bool, sets: Mapping[str, str], defaults: Mapping[str, str] | None = None,
+              tiny_defaults: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Precedence (low -> high): script defaults, --tiny preset (+ the script's tiny defaults), process env, --set."""
     env: dict[str, str] = {}
     env.update(defaults or {})
     if tiny:
         env.update(TINY_ENV)
+        env.update(tiny_defaults or {})
     env.update(os.environ)
     env.update(sets)
     return env
@@ -77,8 +79,11 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def setup_runtime(device: torch.device, seed: int):
-    """What train_gpt.run() sets before building the model."""
+def setup_runtime(device: torch.device, seed: int, cpu_threads: int | None = None):
+    """What train_gpt.run() sets before building the model (+ CPU threads for the tiny tests: one
+    thread avoids OpenMP spin contention on a shared CPU box)."""
+    if device.type == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if device.type == "cuda":

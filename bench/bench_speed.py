@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     env = C.build_env(args.tiny, C.parse_sets(args.set))
     cfg = tg.Config.from_env(env)
     device = C.pick_device()
-    C.setup_runtime(device, cfg.seed)
+    C.setup_runtime(device, cfg.seed, 1 if args.tiny else None)
     info = C.env_info(device)
     res: dict = dict(bench="speed", tiny=args.tiny, env=info, overrides=C.knob_env(C.parse_sets(args.set)),
                      knob_env=C.knob_env(env), config=cfg.to_dict(), flops_formula=C.FLOPS_DOC, steps=steps, settle=settle)
