@@ -335,6 +335,7 @@ class Config:
         need(0 <= self.shared_head_dim < D, f"SHARED_HEAD_DIM={self.shared_head_dim}: expected 0..{D - 1}")
         if self.shared_head_dim:
             need(rope + self.shared_head_dim <= D, f"ROPE_DIMS ({rope}) + SHARED_HEAD_DIM ({self.shared_head_dim}) must be <= head_dim {D}")
+        need(self.xsa_last_n >= -1, f"XSA_LAST_N={self.xsa_last_n}: expected -1 (all), 0 (off) or N > 0")
         need(self.logit_softcap >= 0, f"LOGIT_SOFTCAP={self.logit_softcap}: expected >= 0 (0 = off)")
         need(self.leaky_slope >= 0, f"LEAKY_SLOPE={self.leaky_slope}: expected >= 0")
         need(re.fullmatch(r"[SLsl]+", self.window_pattern) is not None, f"WINDOW_PATTERN={self.window_pattern!r}: expected a string of S and L")
@@ -887,10 +888,15 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(V, dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, V, zero_init=True)
+        # Optional embedding-side features draw their random init from a private generator, so that
+        # switching one on never shifts the init of the rest of the model (same SEED, same trunk).
+        side = lambda salt: torch.Generator().manual_seed((torch.initial_seed() + salt) % 2 ** 63)
         if cfg.bigram_hash:
-            self.bigram_table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
-            nn.init.zeros_(self.bigram_table.weight)
+            # Table zero (transparent at init), projection orthogonal: the seeds' _init_weights overwrites
+            # their zeros_ of this projection; with both factors zero no gradient would ever reach either.
+            self.bigram_table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim, _weight=torch.zeros(cfg.bigram_buckets, cfg.bigram_dim))
             self.bigram_proj = CastedLinear(cfg.bigram_dim, dim, zero_init=True)
+            nn.init.orthogonal_(self.bigram_proj.weight, generator=side(1))
             self.bigram_scale = nn.Parameter(torch.tensor(0.05))
         if cfg.smear_gate and cfg.smear_gate_mode == "v1":
             self.smear_gamma = nn.Parameter(torch.zeros(dim))
@@ -898,12 +904,11 @@ class GPT(nn.Module):
             self.smear_w = nn.Parameter(torch.zeros(1, cfg.smear_width))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         if cfg.ve_layer_ids() and cfg.ve_dim > 0:
-            self.ve_shared = nn.Embedding(V, cfg.ve_dim)
-            nn.init.normal_(self.ve_shared.weight, std=0.01)
+            self.ve_shared = nn.Embedding(V, cfg.ve_dim, _weight=torch.empty(V, cfg.ve_dim))
+            nn.init.normal_(self.ve_shared.weight, std=0.01, generator=side(2))
             self.ve_proj = CastedLinear(cfg.ve_dim, cfg.num_kv_heads * cfg.d_head, zero_init=True)
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
-        if cfg.ve_layer_ids():
-            self.ve_layer_scales = nn.Parameter(torch.ones(L))
+            self.ve_layer_scales = nn.Parameter(torch.ones(L))  # used by the shared table only
         if cfg.value_residual:
             self.vr_lambdas = nn.Parameter(torch.full((L, 2), 0.5))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
@@ -925,6 +930,8 @@ class GPT(nn.Module):
             prev = F.pad(ids[:, :-1], (1, 0))
             h = torch.bitwise_xor(36313 * ids, 27191 * prev) % (cfg.bigram_buckets - 1)
             h[:, 0] = cfg.bigram_buckets - 1
+            if cfg.smear_bos_fix or cfg.doc_attention:  # a BOS never hashes the previous document's token
+                h = torch.where(ids == self.bos_id, cfg.bigram_buckets - 1, h)
             x = x + self.bigram_scale * self.bigram_proj(self.bigram_table(h))
         not_bos = (ids != self.bos_id).unsqueeze(-1) if cfg.smear_bos_fix else None
         if cfg.smear_gate and cfg.smear_gate_mode == "v2":  # x_t += l*sigmoid(w x_t[:W]) x_{t-1}
@@ -942,15 +949,16 @@ class GPT(nn.Module):
 
     def hidden(self, ids, masks=None):
         cfg = self.cfg
+        if masks is None and cfg.doc_attention:  # document masks depend on the batch: build them when not given
+            masks = make_masks(cfg, ids, self.bos_id)
         x = self.embed(ids)
         x0 = x
         ctx: dict = {"ids": ids, "masks": masks}
         if cfg.value_residual:
             ctx["vr_lambdas"] = self.vr_lambdas
-        if cfg.ve_layer_ids():
+        if cfg.ve_layer_ids() and cfg.ve_dim > 0:
             ctx["ve_layer_scales"] = self.ve_layer_scales
-            if cfg.ve_dim > 0:
-                ctx["ve_shared"] = self.ve_scale * self.ve_proj(self.ve_shared(ids))
+            ctx["ve_shared"] = self.ve_scale * self.ve_proj(self.ve_shared(ids))
         order = layer_order(cfg, self.looping_active)
         n_enc = len(order) // 2
         skips: list = []

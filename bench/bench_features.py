@@ -7,9 +7,10 @@ Config.from_env(base env + delta) -> GPT -> Trainer; `--warm` untimed + `--steps
 (synchronize per step), median/mean ms per step, delta vs base, peak memory; then everything is freed
 (del, gc, torch.cuda.empty_cache, and torch._dynamo.reset() in compile mode).
 
-Defaults keep GPU time low: TRAIN_BATCH_TOKENS=98304 with GRAD_ACCUM_STEPS=1 (one 48x2048 micro-batch
-per step, i.e. what one of 8 GPUs does per step; note the Muon step here updates ALL matrices, on
-8 GPUs each rank does 1/8 of them), `--compile 0` = eager model (no per-row recompile). In eager mode
+Defaults keep GPU time low: `--compile 0` = eager model (no per-row recompile), GRAD_ACCUM_STEPS=1 and
+TRAIN_BATCH_TOKENS=49152 (one 24x2048 micro-batch per step; eager at 48x2048 OOMs on 80 GB) or 98304
+with --compile 1 (48x2048 = what one of 8 GPUs does per step). The Muon step here updates ALL
+matrices (on 8 GPUs each rank does 1/8 of them), so matrix-adding features look a bit dearer. In eager mode
 FlexAttention (WINDOW_PATTERN with S, DOC_ATTENTION) is patched to torch.compile(flex_attention),
 since eager flex materializes the full score matrix and is not what a compiled run executes.
 `--looping on` (default) times the looped forward (65% of a default run); rows with NUM_LOOPS=0 then
@@ -30,6 +31,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 tg = C.tg
+warnings.filterwarnings("ignore", message=".*Profiler clears events")
 
 ROWS: list[tuple[str, dict[str, str]]] = [
     ("base", {}),
@@ -66,7 +69,9 @@ ROWS: list[tuple[str, dict[str, str]]] = [
     ("ln_scale_off", {"LN_SCALE": "0"}),
     ("base_again", {}),
 ]
-FEATURE_DEFAULTS = dict(TRAIN_BATCH_TOKENS="98304", GRAD_ACCUM_STEPS="1")
+# One micro-batch per step. Eager keeps every intermediate: 98304 tokens (48 x 2048) peaks at ~75 GiB
+# with looping on and OOMs on an 80 GB H100 for most rows, so eager mode uses 24 x 2048 tokens.
+FEATURE_DEFAULTS = {0: dict(TRAIN_BATCH_TOKENS="49152", GRAD_ACCUM_STEPS="1"), 1: dict(TRAIN_BATCH_TOKENS="98304", GRAD_ACCUM_STEPS="1")}
 TINY_FEATURE = dict(TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="1")
 
 
@@ -204,42 +209,44 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
     for name, fn, w in cases:
         is_flex = name.startswith("flex")
         fwd_only = is_flex and fwd_only_flex
-        t0 = time.perf_counter()
-        try:
-            if fn is None:
-                fn = flex_case(w)
+        with warnings.catch_warnings():  # forced SDPA backends warn at length when they refuse
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            try:
+                if fn is None:
+                    fn = flex_case(w)
 
-            def once():
-                if fwd_only:
-                    with torch.no_grad():
-                        fn(q.detach(), k.detach(), v.detach())
-                    return
-                q.grad = k.grad = v.grad = None
-                fn(q, k, v).backward(go)
-            for _ in range(warm):
-                once()
-            C.sync(device)
-            setup_s = time.perf_counter() - t0
-            times = []
-            for _ in range(iters):
-                if cuda:
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record()
+                def once():
+                    if fwd_only:
+                        with torch.no_grad():
+                            fn(q.detach(), k.detach(), v.detach())
+                        return
+                    q.grad = k.grad = v.grad = None
+                    fn(q, k, v).backward(go)
+                for _ in range(warm):
                     once()
-                    e1.record()
-                    torch.cuda.synchronize(device)
-                    times.append(e0.elapsed_time(e1))
-                else:
-                    s = time.perf_counter()
-                    once()
-                    times.append(1000 * (time.perf_counter() - s))
-            ms = statistics.median(times)
-            kavg = C.avg_keys(T, w)
-            flops = (4 if fwd_only else 12) * B * T * kavg * H * D
-            r = dict(status="ok", ms=ms, ms_min=min(times), pass_="fwd" if fwd_only else "fwd+bwd", window=w, k_avg=kavg,
-                     tflops=flops / (ms / 1000) / 1e12, setup_s=setup_s)
-        except Exception as e:
-            r = dict(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", window=w)
+                C.sync(device)
+                setup_s = time.perf_counter() - t0
+                times = []
+                for _ in range(iters):
+                    if cuda:
+                        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        e0.record()
+                        once()
+                        e1.record()
+                        torch.cuda.synchronize(device)
+                        times.append(e0.elapsed_time(e1))
+                    else:
+                        s = time.perf_counter()
+                        once()
+                        times.append(1000 * (time.perf_counter() - s))
+                ms = statistics.median(times)
+                kavg = C.avg_keys(T, w)
+                flops = (4 if fwd_only else 12) * B * T * kavg * H * D
+                r = dict(status="ok", ms=ms, ms_min=min(times), pass_="fwd" if fwd_only else "fwd+bwd", window=w, k_avg=kavg,
+                         tflops=flops / (ms / 1000) / 1e12, setup_s=setup_s)
+            except Exception as e:
+                r = dict(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", window=w)
         res["cases"][name] = r
         out("attn", case=name, **{("pass" if kk == "pass_" else kk): vv for kk, vv in r.items()})
     cs = res["cases"]
@@ -279,7 +286,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attn-warm", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=0, help="stop starting rows after this many seconds (0 = no limit); "
                     "--attn-reserve-s is kept for the attention bench")
-    ap.add_argument("--attn-reserve-s", type=float, default=None, help="default 100 on CUDA, 0 on CPU")
+    ap.add_argument("--attn-reserve-s", type=float, default=None, help="default 45 on CUDA, 0 on CPU")
     ap.add_argument("--shard-tokens", type=int, default=None)
     ap.add_argument("--doc-len", type=int, default=1024)
     args = ap.parse_args(argv)
@@ -289,7 +296,7 @@ def main(argv=None) -> int:
 
     out = C.Out(args.out, "bench_features")
     sets = C.parse_sets(args.set)
-    env = C.build_env(args.tiny, sets, FEATURE_DEFAULTS, TINY_FEATURE)
+    env = C.build_env(args.tiny, sets, FEATURE_DEFAULTS[args.compile], TINY_FEATURE)
     env["COMPILE"] = str(args.compile)
     base_cfg = tg.Config.from_env(env)
     device = C.pick_device()
@@ -313,7 +320,7 @@ def main(argv=None) -> int:
     unknown = set(names) - {r[0] for r in ROWS} - {"none"}
     if unknown:
         raise SystemExit(f"--rows: unknown rows {sorted(unknown)}; known: {[r[0] for r in ROWS]}")
-    reserve = args.attn_reserve_s if args.attn_reserve_s is not None else (100.0 if device.type == "cuda" and args.attn else 0.0)
+    reserve = args.attn_reserve_s if args.attn_reserve_s is not None else (45.0 if device.type == "cuda" and args.attn else 0.0)
 
     tmp = C.tmpdir("bench_features_")
     files = C.write_random_shard(Path(tmp.name), base_cfg.vocab_size, args.shard_tokens or (1 << 16 if args.tiny else 1 << 22), args.doc_len)

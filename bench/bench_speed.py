@@ -16,7 +16,7 @@ On the device it finds (CUDA, else CPU for --tiny testing), in ONE process:
   5. ratio ours/reference tokens/s; target check: tok/s per GPU >= 786432/0.1217/8 and MFU >= 40%.
 
 Data: a temporary random-token shard written with train_gpt.write_shard (no dataset needed).
-Output: key:value lines on stdout and <out>/bench_speed.{log,json,md} (+ profile table with --profile).
+Output: key:value lines on stdout and <out>/bench_speed.{log,json,md} (the profile table goes into both).
 
   python3 bench/bench_speed.py --out /tmp/speed --set WARMUP_STEPS=2 --profile     # H100
   python3 bench/bench_speed.py --tiny --out /tmp/b1                                # CPU test
@@ -27,6 +27,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 tg = C.tg
+warnings.filterwarnings("ignore", message=".*Profiler clears events")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +126,8 @@ def profile_ours(trainer, device, n_steps: int, top: int) -> dict:
         C.sync(device)
         wall_ms = 1000 * (time.perf_counter() - t0)
     evs = prof.key_averages()
+    # user annotations (e.g. "Optimizer.step#Muon.step") are ranges over kernels, not kernels: drop them
+    evs = [e for e in evs if not getattr(e, "is_user_annotation", False) and not e.key.startswith(("ProfilerStep", "Optimizer.", "## "))]
     if device.type == "cuda":
         ks = [e for e in evs if e.device_type == DeviceType.CUDA]
         if not ks:  # older/newer profilers: kernels are the events with device self time and no CPU time
@@ -180,6 +184,10 @@ def main(argv=None) -> int:
     info = C.env_info(device)
     res: dict = dict(bench="speed", tiny=args.tiny, env=info, overrides=C.knob_env(C.parse_sets(args.set)),
                      knob_env=C.knob_env(env), config=cfg.to_dict(), flops_formula=C.FLOPS_DOC, steps=steps, settle=settle)
+    def save():  # JSON + markdown after every stage: a timeout still leaves what was measured
+        out.write_json(res)
+        out.write_md(markdown(res))
+
     out("bench_env", **info)
     out("bench_config", tiny=int(args.tiny), steps=steps, settle=settle, compile=int(cfg.compile and device.type == "cuda"),
         train_batch_tokens=cfg.train_batch_tokens, seq_len=cfg.train_seq_len, num_loops=cfg.num_loops,
@@ -190,7 +198,7 @@ def main(argv=None) -> int:
     res["matmul"] = mm
     ceiling = mm["tflops"] * 1e12
     out("matmul", n=mm["n"], dtype=mm["dtype"], ms=mm["ms"], tflops=mm["tflops"])
-    out.write_json(res)
+    save()
 
     tmp = C.tmpdir("bench_speed_")
     files = C.write_random_shard(Path(tmp.name), cfg.vocab_size, shard_tokens, args.doc_len)
@@ -228,7 +236,7 @@ def main(argv=None) -> int:
         out("ours_speed", mode=mode, ms_step_median=st["median"], ms_step_mean=st["mean"], ms_step_min=st["min"], ms_step_stdev=st["stdev"],
             tok_s=tok_s, tok_s_mean=r["tok_s_mean"], flops_per_token=fl["flops_per_token"], attn_flops_per_token=fl["attn_flops"],
             layer_visits=fl["layer_visits"], tflops=r["achieved_tflops"], mfu=r["mfu"], peak_mem_gib=r["peak_mem_gib"], loss=r["last_loss"])
-        out.write_json(res)
+        save()
     off = res["ours"].get("off") or res["ours"][modes[0]]
     on = res["ours"].get("on", off)
     f = cfg.enable_looping_at if cfg.num_loops > 0 else 1.0
@@ -239,6 +247,17 @@ def main(argv=None) -> int:
     wres = res["ours"]["weighted"]
     out("ours_weighted", frac_off=f, tok_s=w_tok, ms_step=wres["ms_step"], mfu=wres["mfu"],
         est_8gpu_ms_step=wres["est_8gpu_ms_step"])
+    # targets
+    tgt = dict(target_tok_s_per_gpu=C.TARGET_TOK_S_PER_GPU, target_mfu=C.TARGET_MFU)
+    for k in modes + ["weighted"]:
+        r = res["ours"][k]
+        tgt[f"tok_s_ok_{k}"] = r["tok_s"] >= C.TARGET_TOK_S_PER_GPU
+        tgt[f"mfu_ok_{k}"] = r["mfu"] >= C.TARGET_MFU
+    tgt["tok_s_frac_of_target_weighted"] = w_tok / C.TARGET_TOK_S_PER_GPU
+    res["target"] = tgt
+    out("target", **tgt)
+    res["modes"] = modes
+    save()
 
     # 3. profile
     if args.profile:
@@ -251,13 +270,7 @@ def main(argv=None) -> int:
             busy_pct=prof["busy_pct"], distinct=prof["n_distinct"])
         for i, row in enumerate(prof["top"], 1):
             out("kernel", rank=i, ms_per_step=row["ms_per_step"], pct_step=row["pct_step"], calls_per_step=row["calls"], name=row["name"][:160])
-        md = [f"### Profile: top-{args.top} {prof['kind']} of ours (looping {pmode}, {prof['steps']} steps, "
-              f"{prof['step_ms']:.1f} ms/step under the profiler, device busy {prof['busy_pct']:.1f}%)\n",
-              C.md_table(["#", "kernel", "calls/step", "ms/step", "% of step"],
-                         [[i, f"`{r['name'][:110]}`", r["calls"], r["ms_per_step"], r["pct_step"]] for i, r in enumerate(prof["top"], 1)])]
-        out.write_md("\n".join(md), "_profile")
-        out.write_json(prof, "_profile")
-        out.write_json(res)
+        save()
     trainer.loader.close()
     del trainer, model
     C.free_memory(device)
@@ -302,53 +315,57 @@ def main(argv=None) -> int:
         ratios["weighted"] = w_tok / tok_s
         res["ratio_ours_over_ref_tok_s"] = ratios
         out("ratio", **{f"ours_over_ref_tok_s_{k}": v for k, v in ratios.items()})
+        save()
         del ref, opt
         C.free_memory(device)
 
-    # 5. targets
-    tgt = dict(target_tok_s_per_gpu=C.TARGET_TOK_S_PER_GPU, target_mfu=C.TARGET_MFU)
-    for k in modes + ["weighted"]:
-        r = res["ours"][k]
-        tgt[f"tok_s_ok_{k}"] = r["tok_s"] >= C.TARGET_TOK_S_PER_GPU
-        tgt[f"mfu_ok_{k}"] = r["mfu"] >= C.TARGET_MFU
-    tgt["tok_s_frac_of_target_weighted"] = w_tok / C.TARGET_TOK_S_PER_GPU
-    res["target"] = tgt
-    out("target", **tgt)
-    out.write_json(res)
-    out.write_md(markdown(res, modes, cfg))
+    save()
     tmp.cleanup()
     out("done", json=out.dir / "bench_speed.json", md=out.dir / "bench_speed.md")
     return 0
 
 
-def markdown(res: dict, modes: list[str], cfg) -> str:
-    e, mm, o = res["env"], res["matmul"], res["ours"]
+def markdown(res: dict) -> str:
+    """Markdown snippet of whatever `res` holds so far."""
+    e, mm, o = res["env"], res.get("matmul"), res.get("ours", {})
     lines = [f"## bench_speed ({e['device']}, torch {e['torch']}, cuda {e['cuda']}, flash_attn {e['flash_attn']}"
-             f"{', TINY' if res['tiny'] else ''})\n",
-             f"Config: defaults{' + ' + ' '.join(f'{k}={v}' for k, v in res['overrides'].items()) if res['overrides'] else ''}; "
-             f"{o['tokens_per_step']:,} tokens/step = {o['accum']} x {o['local_tokens']:,}-token micro-batches; "
-             f"{res['steps']} timed steps per mode after {res['settle']} settle steps; warmup/compile {o['warmup_s']:.1f} s.\n",
-             f"Measured matmul ceiling: {mm['n']}^3 {mm['dtype']} = {mm['tflops']:.1f} TFLOPS ({mm['ms']:.2f} ms).\n"]
+             f"{', TINY' if res['tiny'] else ''})\n"]
+    if "warmup_s" in o:
+        lines.append(f"Config: defaults{' + ' + ' '.join(f'{k}={v}' for k, v in res['overrides'].items()) if res['overrides'] else ''}; "
+                     f"{o['tokens_per_step']:,} tokens/step = {o['accum']} x {o['local_tokens']:,}-token micro-batches; "
+                     f"{res['steps']} timed steps per mode after {res['settle']} settle steps; warmup/compile {o['warmup_s']:.1f} s.\n")
+    if mm:
+        lines.append(f"Measured matmul ceiling: {mm['n']}^3 {mm['dtype']} = {mm['tflops']:.1f} TFLOPS ({mm['ms']:.2f} ms).\n")
     rows = []
-    for m in modes:
-        r = o[m]
-        rows.append([f"ours, looping {m}", r["ms_step"]["median"], r["ms_step"]["mean"], r["tok_s"], r["flops"]["flops_per_token"] / 1e6,
-                     100 * r["mfu"], r["peak_mem_gib"]])
-    w = o["weighted"]
-    rows.append([f"ours, time-weighted ({w['frac_off']:.2f} off)", w["ms_step"], None, w["tok_s"], None, 100 * w["mfu"], None])
+    for m in ("off", "on"):
+        if m in o:
+            r = o[m]
+            rows.append([f"ours, looping {m}", r["ms_step"]["median"], r["ms_step"]["mean"], r["tok_s"], r["flops"]["flops_per_token"] / 1e6,
+                         100 * r["mfu"], r["peak_mem_gib"]])
+    w = o.get("weighted")
+    if w:
+        rows.append([f"ours, time-weighted ({w['frac_off']:.2f} of time off)", w["ms_step"], None, w["tok_s"], None, 100 * w["mfu"], None])
     if "ref" in res:
         r = res["ref"]
         rows.append(["reference (plain PyTorch, eager)", r["ms_step"]["median"], r["ms_step"]["mean"], r["tok_s"],
                      r["flops"]["flops_per_token"] / 1e6, 100 * r["mfu"], r["peak_mem_gib"]])
-    lines.append(C.md_table(["model", "ms/step median", "ms/step mean", "tok/s per GPU", "MFLOPs/token", "MFU %", "peak GiB"], rows))
+    if rows:
+        lines.append(C.md_table(["model", "ms/step median", "ms/step mean", "tok/s per GPU", "MFLOPs/token", "MFU %", "peak GiB"], rows))
     if "ratio_ours_over_ref_tok_s" in res:
         lines.append("Ours / reference tokens/s: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["ratio_ours_over_ref_tok_s"].items()) + "\n")
-    t = res["target"]
-    lines.append(f"Target: tok/s per GPU >= {t['target_tok_s_per_gpu']:,.0f} (786432/0.1217/8): weighted "
-                 f"{'PASS' if t['tok_s_ok_weighted'] else 'FAIL'} ({100 * t['tok_s_frac_of_target_weighted']:.1f}% of target); "
-                 f"MFU >= 40%: weighted {'PASS' if t['mfu_ok_weighted'] else 'FAIL'}.\n")
-    if w.get("est_8gpu_ms_step"):
-        lines.append(f"Estimated 8-GPU ms/step (no comm): {w['est_8gpu_ms_step']:.1f} ms.\n")
+    t = res.get("target")
+    if t:
+        lines.append(f"Target: tok/s per GPU >= {t['target_tok_s_per_gpu']:,.0f} (786432/0.1217/8): time-weighted "
+                     f"{'PASS' if t['tok_s_ok_weighted'] else 'FAIL'} ({100 * t['tok_s_frac_of_target_weighted']:.1f}% of target); "
+                     f"MFU >= 40%: time-weighted {'PASS' if t['mfu_ok_weighted'] else 'FAIL'}.\n")
+    if w and w.get("est_8gpu_ms_step"):
+        lines.append(f"Estimated 8-GPU ms/step (per-GPU rate, no communication): {w['est_8gpu_ms_step']:.1f} ms (target 121.7).\n")
+    prof = res.get("profile")
+    if prof:
+        lines.append(f"### Profile: top-{len(prof['top'])} {prof['kind']} of ours (looping {prof['mode']}, {prof['steps']} steps, "
+                     f"{prof['step_ms']:.1f} ms/step under the profiler, device busy {prof['busy_pct']:.1f}%)\n")
+        lines.append(C.md_table(["#", "kernel", "calls/step", "ms/step", "% of step"],
+                                [[i, f"`{r['name'][:110]}`", r["calls"], r["ms_per_step"], r["pct_step"]] for i, r in enumerate(prof["top"], 1)]))
     lines.append("FLOPs formula:\n\n```\n" + res["flops_formula"] + "\n```\n")
     return "\n".join(lines)
 

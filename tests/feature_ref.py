@@ -12,7 +12,6 @@ import math
 import zlib
 
 import torch
-import torch.nn.functional as F
 
 import train_gpt as tg
 
@@ -32,7 +31,11 @@ V = 64
 
 def make_cfg(**kw) -> "tg.Config":
     env = dict(BASE)
-    env.update({k: str(v) for k, v in kw.items()})
+    for k, v in kw.items():  # None removes a BASE key (e.g. to set it through an alias)
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
     warnings: list[str] = []
     cfg = tg.Config.from_env(env, warn=warnings.append)
     assert not warnings, warnings
@@ -111,8 +114,8 @@ def spec_order(cfg, looping: bool) -> list[int]:
     return out + [l for l in range(L) if l > cfg.loop_end]
 
 
-def bigram_bucket(cur: int, prev: int | None, buckets: int) -> int:
-    if prev is None:
+def bigram_bucket(cur: int, prev: int | None, buckets: int, bos: int | None = None) -> int:
+    if prev is None or cur == bos:  # BOS never hashes the previous document (BOS fix)
         return buckets - 1
     return ((36313 * cur) ^ (27191 * prev)) % (buckets - 1)
 
@@ -235,18 +238,20 @@ def ref_embed(cfg, P, ids, bos=BOS):
     x = P["tok_emb.weight"][ids]
     if cfg.bigram_hash:
         nb = cfg.bigram_buckets
-        hb = torch.tensor([[bigram_bucket(int(row[t]), int(row[t - 1]) if t else None, nb) for t in range(T)] for row in ids])
+        hb = torch.tensor([[bigram_bucket(int(row[t]), int(row[t - 1]) if t else None, nb, 1 if (cfg.smear_bos_fix or cfg.doc_attention) else None) for t in range(T)] for row in ids])
         x = x + P["bigram_scale"] * (P["bigram_table.weight"][hb] @ P["bigram_proj.weight"].T)
     keep = (ids != bos).to(x.dtype)[..., None] if cfg.smear_bos_fix else torch.ones(B, T, 1, dtype=x.dtype)
-    x = rms(x)
-    if cfg.smear_gate and cfg.smear_gate_mode == "v1":  # x_t = (1-g) x_t + g x_{t-1}, static per-channel g
-        g = torch.sigmoid(P["smear_gamma"])
-        mixed = (1 - g) * x + g * shift1(x)
-        x = keep * mixed + (1 - keep) * x
-    elif cfg.smear_gate:  # x_t + lambda * sigmoid(w . x_t[:W]) * x_{t-1}
+    if cfg.smear_gate and cfg.smear_gate_mode == "v2":
+        # x_t + lambda * sigmoid(w . x_t[:W]) * x_{t-1}, before the embedding norm as in PR #1667 /
+        # modded-nanogpt (PR #1693/#1969 apply it after the norm; the spec leaves the placement open)
         w = cfg.smear_gate_width or cfg.gate_width
         gate = torch.sigmoid(x[..., :w] @ P["smear_w"].T)  # [B,T,1]
         x = x + keep * P["smear_lambda"] * gate * shift1(x)
+    x = rms(x)
+    if cfg.smear_gate and cfg.smear_gate_mode == "v1":  # after the norm: x_t = (1-g) x_t + g x_{t-1}
+        g = torch.sigmoid(P["smear_gamma"])
+        mixed = (1 - g) * x + g * shift1(x)
+        x = keep * mixed + (1 - keep) * x
     return x
 
 
@@ -286,8 +291,8 @@ def ref_logits(model, ids, looping: bool | None = None, doc_attention: bool | No
             if lanes is None:
                 lanes = (x, x)
             l0, l1 = lanes
-            a = attn(rm0 * l0 + rm1 * x0)  # attention reads lane 0
-            m = mlp(rm0 * l1 + rm1 * x0)   # MLP reads lane 1 (both through resid_mix), in parallel
+            a = attn(rm0 * l0 + rm1 * x0)  # attention reads lane 0 through resid_mix
+            m = mlp(l1)                    # MLP reads lane 1 as is, in parallel (PR #1667 / #1969)
             r, p = P["parallel_resid_lambdas"][layer], P["parallel_post_lambdas"][layer]
             lanes = (r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m)
             continue

@@ -1,0 +1,93 @@
+"""Smoke tests of bench/ on the CPU: every script runs with --tiny and prints parseable key:value lines."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> str:
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert p.returncode == 0, f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def events(stdout: str) -> dict[str, list[dict[str, str]]]:
+    """event:<name> k:v ... lines -> {name: [dict, ...]}; every token must be key:value."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for line in stdout.splitlines():
+        if not line.startswith("event:"):
+            continue
+        kv = {}
+        for tok in line.split(" "):
+            k, sep, v = tok.partition(":")
+            assert sep and k, f"not key:value: {tok!r} in {line!r}"
+            kv[k] = v
+        out.setdefault(kv["event"], []).append(kv)
+    return out
+
+
+def num(v: str) -> float:
+    return float(v)
+
+
+def test_bench_speed_tiny(tmp_path):
+    stdout = run([sys.executable, str(BENCH / "bench_speed.py"), "--tiny", "--out", str(tmp_path), "--steps", "1", "--settle", "0",
+                  "--profile", "--profile-steps", "1", "--top", "5", "--set", "SEED=7"])
+    ev = events(stdout)
+    for name in ("bench_env", "matmul", "ours_speed", "ours_weighted", "profile", "kernel", "ref_speed", "ratio", "target", "done"):
+        assert name in ev, f"missing event:{name}"
+    modes = {e["mode"]: e for e in ev["ours_speed"]}
+    assert set(modes) == {"off", "on"}
+    assert num(modes["on"]["flops_per_token"]) > num(modes["off"]["flops_per_token"])  # looped layers count per visit
+    assert num(modes["off"]["tok_s"]) > 0 and 0 < num(modes["off"]["mfu"])
+    assert len(ev["kernel"]) == 5
+    res = json.loads((tmp_path / "bench_speed.json").read_text())
+    assert res["overrides"] == {"SEED": "7"} and res["config"]["VOCAB_SIZE"] == 512
+    assert res["ratio_ours_over_ref_tok_s"]["weighted"] > 0
+    w = res["ours"]["weighted"]
+    assert w["tok_s"] == pytest.approx(0.35 * res["ours"]["off"]["tok_s"] + 0.65 * res["ours"]["on"]["tok_s"])
+    assert "tok/s per GPU" in (tmp_path / "bench_speed.md").read_text()
+
+
+def test_bench_features_tiny(tmp_path):
+    stdout = run([sys.executable, str(BENCH / "bench_features.py"), "--tiny", "--out", str(tmp_path), "--steps", "1", "--warm", "1",
+                  "--attn-iters", "1", "--attn-warm", "1"])
+    ev = events(stdout)
+    rows = {e["row"]: e for e in ev["feature"]}
+    sys.path.insert(0, str(BENCH))
+    from bench_features import ROWS
+    assert list(rows) == [r[0] for r in ROWS]
+    assert rows["base"]["status"] == "ok" and num(rows["base"]["delta_ms"]) == 0
+    assert rows["loops_off"]["status"] == "ok" and rows["loops_off"]["looping"] == "0"
+    assert rows["kv_heads_8"]["status"] == "skipped"  # 4 query heads in --tiny: invalid config, reported not fatal
+    assert all(r["status"] in ("ok", "skipped") for r in rows.values())
+    cases = {e["case"]: e for e in ev["attn"]}
+    assert cases["sdpa_causal_auto"]["status"] == "ok"
+    assert {"flex_causal", "flex_w32", "flex_w16"} <= set(cases)
+    assert "attn_speedup" in ev and "done" in ev
+    res = json.loads((tmp_path / "bench_features.json").read_text())
+    assert res["mode"] == "eager" and len(res["rows"]) == len(ROWS)
+    assert "Attention microbenchmark" in (tmp_path / "bench_features.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils timeout")
+def test_run_gpu_benchmarks_tiny(tmp_path):
+    out = tmp_path / "out"
+    run(["bash", str(BENCH / "run_gpu_benchmarks.sh"), str(out), "--ref", "0", "--settle", "0"],
+        env=dict(BENCH_TINY="1", SPEED_STEPS="1", FEATURE_STEPS="1", FEATURE_ARGS="--rows base,loops_off --attn 0 --warm 1"))
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["SUMMARY.md", "stdout.txt", "bench_speed.json", "bench_speed.log", "bench_speed.md",
+                            "bench_features.json", "bench_features.log", "bench_features.md"])  # <= 8 files, flat
+    summary = (out / "SUMMARY.md").read_text()
+    assert "## bench_speed" in summary and "## bench_features" in summary
+    ev = events((out / "bench_features.log").read_text())
+    assert [e["row"] for e in ev["feature"]] == ["base", "loops_off"]
