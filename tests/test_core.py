@@ -269,3 +269,13 @@ def test_ddp_two_processes_match_one(tmp_path):
     l2 = [float(e["loss"]) for e in events(r2.stdout, "train")]
     assert len(l1) == len(l2) == 3
     assert l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+
+
+def test_gated_skip_gradients():
+    torch.manual_seed(0)
+    args = [torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    args += [torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradcheck(tg.GatedSkip.apply, args)
+    x, s, w, g = args
+    ref = torch.sigmoid(g) * x + (1 - torch.sigmoid(g)) * (w * s)
+    assert torch.equal(tg.GatedSkip.apply(*args), ref)
