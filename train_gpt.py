@@ -868,7 +868,27 @@ class Block(nn.Module):
         x_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
         a = (self.attn_scale * self.s_out) * self.attn(rms_norm(x_in) * self.s_in, x_in, ctx)
         m = (self.mlp_scale * self.s_out) * self.mlp(rms_norm(lane1) * self.s_in)
-        return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
+        return LaneMix.apply(lane0, lane1, a, m, r, p)
+
+
+class LaneMix(torch.autograd.Function):
+    """lane0' = r0*lane0 + p00*a + p10*m,  lane1' = r1*lane1 + p01*a + p11*m. The scalar lambdas'
+    gradients are full-tensor dot products (cuBLAS) instead of fused strided reductions."""
+
+    @staticmethod
+    def forward(ctx, l0, l1, a, m, r, p):
+        ctx.save_for_backward(l0, l1, a, m, r, p)
+        return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        l0, l1, a, m, r, p = ctx.saved_tensors
+        dot = lambda u, v: torch.dot(u.reshape(-1), v.reshape(-1).to(u.dtype)).float()
+        gr = torch.stack([dot(g0, l0), dot(g1, l1)])
+        gp = torch.stack([torch.stack([dot(g0, a), dot(g1, a)]), torch.stack([dot(g0, m), dot(g1, m)])])
+        ga = g0 * p[0, 0].to(g0.dtype) + g1 * p[0, 1].to(g1.dtype)
+        gm = g0 * p[1, 0].to(g0.dtype) + g1 * p[1, 1].to(g1.dtype)
+        return g0 * r[0].to(g0.dtype), g1 * r[1].to(g1.dtype), ga.to(a.dtype), gm.to(m.dtype), gr.to(r.dtype), gp.to(p.dtype)
 
 
 class GatedSkip(torch.autograd.Function):

@@ -279,3 +279,10 @@ def test_gated_skip_gradients():
     x, s, w, g = args
     ref = torch.sigmoid(g) * x + (1 - torch.sigmoid(g)) * (w * s)
     assert torch.equal(tg.GatedSkip.apply(*args), ref)
+
+
+def test_lane_mix_gradients():
+    torch.manual_seed(0)
+    args = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    args += [torch.randn(2, dtype=torch.float64, requires_grad=True), torch.randn(2, 2, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(tg.LaneMix.apply, args)
