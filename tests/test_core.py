@@ -286,3 +286,14 @@ def test_lane_mix_gradients():
     args = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(4)]
     args += [torch.randn(2, dtype=torch.float64, requires_grad=True), torch.randn(2, 2, dtype=torch.float64, requires_grad=True)]
     assert torch.autograd.gradcheck(tg.LaneMix.apply, args)
+
+
+def test_nan_loss_aborts_with_clear_error(tmp_path):
+    cfg = tg.Config.from_env(dict(TINY, GRAD_ACCUM_STEPS="1", ITERATIONS="5", MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="0", TRAIN_LOG_EVERY="100"))
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(4000) % 64)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        model.tok_emb.weight[3] = float("nan")  # any batch containing token 3 gives a NaN loss
+    trainer = tg.Trainer(cfg, model, torch.device("cpu"), 0, 1, [str(tmp_path / "fineweb_train_000000.bin")], tg.Logger(None, 0))
+    with pytest.raises(tg.TrainingError, match="NaN"):
+        trainer.train(None)
