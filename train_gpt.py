@@ -17,8 +17,10 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import importlib
 import io
 import json
+import lzma
 import math
 import os
 import queue
@@ -1435,15 +1437,6 @@ class Trainer:
 #   self-describing compression. Nothing here knows the model: callers pass names, plans
 #   and Hessians (H = sum X^T X over the *input* columns of each weight, shape (cols, cols)).
 # =====================================================================================
-import importlib
-import json
-import lzma
-import math
-import re
-import struct
-
-import numpy as np
-import torch
 
 _FP16_TINY, _FP16_MAX = 2.0 ** -24, 65504.0  # smallest positive / largest finite fp16
 
