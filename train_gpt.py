@@ -707,11 +707,6 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], -1)
 
 
-def attention_mask_specs(cfg: Config) -> set:
-    """Distinct per-layer windows (0 = full) that need a mask object."""
-    return set(cfg.layer_windows())
-
-
 def build_masks(cfg: Config, T: int, device, ids: torch.Tensor | None, use_flex: bool, bos_id: int) -> dict:
     """One mask object per distinct window: None = plain causal (fast path), else a FlexAttention
     BlockMask (CUDA) or a boolean SDPA mask (CPU). DOC_ATTENTION adds 'same document' (BOS-delimited)."""
@@ -719,7 +714,7 @@ def build_masks(cfg: Config, T: int, device, ids: torch.Tensor | None, use_flex:
     if cfg.doc_attention and ids is not None:
         doc = torch.cumsum((ids == bos_id).to(torch.int32), dim=1)  # [B, T] document index per position
     masks = {}
-    for w in attention_mask_specs(cfg):
+    for w in set(cfg.layer_windows()):  # distinct per-layer windows (0 = full)
         if w == 0 and doc is None:
             masks[w] = None
             continue
@@ -1363,7 +1358,6 @@ class Trainer:
         train_ms, step, last_log_t, last_log_step = 0.0, 0, None, 0
         nonfinite = torch.zeros((), device=dev, dtype=torch.bool)
         pending = None  # (flag tensor, async work) of the previous step
-        step_times: list[float] = []
         stop_reason = "iterations"
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -1392,8 +1386,6 @@ class Trainer:
                 lv = loss.item()
                 now = time.perf_counter()
                 dt = (now - last_log_t) / max(step - last_log_step, 1)
-                if step > 1:
-                    step_times.append(dt)
                 last_log_t, last_log_step = now, step
                 elapsed_s = (train_ms + 1000 * (now - t0)) / 1000
                 self.log("train", step=step, loss=lv, lr_mul=lr_mul, ms_step=1000 * dt, tok_s=tokens_per_step / dt,
@@ -2146,7 +2138,7 @@ class LUTs:
 
 
 @torch.no_grad()
-def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, batch: int, luts: LUTs, device, per_window: bool = False):
+def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, batch: int, luts: LUTs, device):
     """Sum of NLL (float64), scored targets, bytes over `wins` (this rank's share)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_tok = torch.zeros((), dtype=torch.float64, device=device)
@@ -2386,7 +2378,7 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     return out
 
 
-def load_eval_data(cfg: Config, log: Logger, device):
+def load_eval_data(cfg: Config, device):
     sp, luts_np = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
     val = load_val_tokens(cfg.data_path, cfg.val_max_tokens)
     if int(val.max()) >= cfg.vocab_size:
@@ -2426,7 +2418,7 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
         if rank == 0:
             build_smoke_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, lambda m: log.raw(m))
         barrier(world)
-    sp, luts, val = load_eval_data(cfg, log, device)
+    sp, luts, val = load_eval_data(cfg, device)
     bos = sp.bos_id() if sp.bos_id() >= 0 else 1
     train_files = shard_files(cfg.data_path, "train")
     first = load_shard(train_files[0])
@@ -2515,7 +2507,7 @@ def run_eval_only(cfg: Config, artifact: Path, rank, world, device, log: Logger,
         raise DataError(f"--eval-only {artifact}: {e}") from None
     t_load = time.perf_counter() - t0
     log("eval_only", artifact=artifact, bytes_model=len(blob), sha256=hashlib.sha256(blob).hexdigest())
-    _, luts, val = load_eval_data(qcfg, log, device)
+    _, luts, val = load_eval_data(qcfg, device)
     ev = run_evals(qmodel, qcfg, val, luts, device, rank, world, log, t_load)
     eval_ok = ev["eval_seconds"] <= qcfg.max_eval_seconds
     bytes_total = len(blob) + base["code_bytes"]

@@ -120,28 +120,25 @@ def test_wrapper_is_small():
     assert len(text) - len(payload) < 250
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
-def test_torch_compile_traces_packed_function(tmp_path):
-    src = FIX / "pack_fixture_torch.py"
+def packed_run_matches(src, tmp_path) -> str:
+    """Pack `src`, run original and packed, assert both succeed with the same stdout; return it."""
     out = tmp_path / src.name
     pack_code.pack_file(src, out)
     a, b = run_py(src), run_py(out)
     assert a.returncode == 0, a.stderr
     assert b.returncode == 0, b.stderr
     assert a.stdout == b.stdout
-    assert "graphs 1 " in b.stdout  # dynamo traced the function defined in the packed code
+    return b.stdout
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_torch_compile_traces_packed_function(tmp_path):
+    assert "graphs 1 " in packed_run_matches(FIX / "pack_fixture_torch.py", tmp_path)  # dynamo traced the function defined in the packed code
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (CPU box); runs where triton is")
 def test_triton_jit_kernel_in_packed_code(tmp_path):
-    src = FIX / "pack_fixture_triton.py"
-    out = tmp_path / src.name
-    pack_code.pack_file(src, out)
-    a, b = run_py(src), run_py(out)
-    assert a.returncode == 0, a.stderr
-    assert b.returncode == 0, b.stderr
-    assert a.stdout == b.stdout
-    assert "jit JITFunction True" in b.stdout
+    assert "jit JITFunction True" in packed_run_matches(FIX / "pack_fixture_triton.py", tmp_path)
 
 
 def test_verify_passes_on_deterministic_smoke(tmp_path):
