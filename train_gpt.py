@@ -857,20 +857,57 @@ class Block(nn.Module):
 
     def forward(self, x, x0, ctx):
         x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x_in + (self.attn_scale * self.s_out) * self.attn(rms_norm(x_in) * self.s_in, x_in, ctx)
-        return x + (self.mlp_scale * self.s_out) * self.mlp(rms_norm(x) * self.s_in)
+        x = x_in + ChannelScale.apply(self.attn(rms_norm(x_in) * self.s_in, x_in, ctx), self.attn_scale * self.s_out)
+        return x + ChannelScale.apply(self.mlp(rms_norm(x) * self.s_in), self.mlp_scale * self.s_out)
 
     def forward_parallel(self, lane0, lane1, x0, ctx, r, p):
         """Two-lane parallel residual (PR #1204/#1529): attention reads lane0, MLP reads lane1."""
         x_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
-        a = (self.attn_scale * self.s_out) * self.attn(rms_norm(x_in) * self.s_in, x_in, ctx)
-        m = (self.mlp_scale * self.s_out) * self.mlp(rms_norm(lane1) * self.s_in)
-        return LaneMix.apply(lane0, lane1, a, m, r, p)
+        a = ChannelScale.apply(self.attn(rms_norm(x_in) * self.s_in, x_in, ctx), self.attn_scale * self.s_out)
+        m = ChannelScale.apply(self.mlp(rms_norm(lane1) * self.s_in), self.mlp_scale * self.s_out)
+        return LaneMix.apply(*distinct(lane0, lane1), a, m, r, p)
+
+
+def distinct(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same tensor passed twice to an autograd.Function is a torch.compile graph break (the last encoder
+    output is also the first skip; the first parallel block gets lanes (x, x)): repeats become views."""
+    return tuple(t.view_as(t) if any(t is u for u in ts[:i]) else t for i, t in enumerate(ts))
+
+
+def channel_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every leading dim of a [..., D] tensor as a GEMV (cuBLAS), in fp32. Inductor schedules
+    these token-axis column sums as slow strided reductions (~5 ms each on H100 at 98k tokens)."""
+    D = t.size(-1)
+    ones = torch.ones(t.numel() // D, device=t.device, dtype=t.dtype)
+    return (ones @ t.reshape(-1, D)).float()
+
+
+class ChannelScale(torch.autograd.Function):
+    """s * t with s per channel ([D]) or a scalar ([1]), broadcast over tokens: the plain product, with the
+    gradient of s taken by `channel_sum`. Used for the attention/MLP output scales, the U-Net skip weights
+    and the SmearGate lambda. Not for resid_mix: its x0 products all read the same x0, inductor fuses the
+    17 of them (looping on) into one 40 ms kernel; left to inductor they cost less (H100, BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, t, s):
+        ctx.save_for_backward(t, s)
+        return s * t
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, s = ctx.saved_tensors
+        out_dtype = torch.promote_types(t.dtype, s.dtype)
+        g_t = (grad * s).to(t.dtype) if ctx.needs_input_grad[0] else None
+        g_s = None
+        if ctx.needs_input_grad[1]:
+            g_s = channel_sum(grad * t.to(out_dtype))
+            g_s = (g_s.sum().reshape(s.shape) if s.numel() == 1 else g_s).to(s.dtype)
+        return g_t, g_s
 
 
 class LaneMix(torch.autograd.Function):
     """lane0' = r0*lane0 + p00*a + p10*m,  lane1' = r1*lane1 + p01*a + p11*m. The scalar lambdas'
-    gradients are full-tensor dot products (cuBLAS) instead of fused strided reductions."""
+    gradients are full-tensor dot products via `channel_sum` (cuBLAS) instead of fused inductor reductions."""
 
     @staticmethod
     def forward(ctx, l0, l1, a, m, r, p):
@@ -880,7 +917,7 @@ class LaneMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g0, g1):
         l0, l1, a, m, r, p = ctx.saved_tensors
-        dot = lambda u, v: torch.dot(u.reshape(-1), v.reshape(-1).to(u.dtype)).float()
+        dot = lambda u, v: channel_sum(u * v.to(u.dtype)).sum()  # torch.dot would become an inductor reduction
         gr = torch.stack([dot(g0, l0), dot(g1, l1)])
         gp = torch.stack([torch.stack([dot(g0, a), dot(g1, a)]), torch.stack([dot(g0, m), dot(g1, m)])])
         ga = g0 * p[0, 0].to(g0.dtype) + g1 * p[0, 1].to(g1.dtype)
@@ -902,12 +939,9 @@ class GatedSkip(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, skip, w, sg = ctx.saved_tensors
-        D = grad.size(-1)
-        ones = torch.ones(grad.numel() // D, device=grad.device, dtype=grad.dtype)
-        colsum = lambda t: (ones @ t.reshape(-1, D)).float()  # sum over tokens as a GEMV
         g_skipped = grad * (1 - sg)
-        gw = colsum(g_skipped * skip)
-        gg = colsum(grad * (x - w * skip)) * sg * (1 - sg)
+        gw = channel_sum(g_skipped * skip)
+        gg = channel_sum(grad * (x - w * skip)) * sg * (1 - sg)
         return grad * sg, g_skipped * w, gw.to(w.dtype), gg.to(sg.dtype)
 
 
@@ -977,7 +1011,7 @@ class GPT(nn.Module):
         if cfg.smear_gate and cfg.smear_gate_mode == "v2":  # x_t += l*sigmoid(w x_t[:W]) x_{t-1}
             prev = F.pad(x[:, :-1], (0, 0, 1, 0))
             gate = torch.sigmoid(F.linear(x[..., :cfg.smear_width], self.smear_w.to(x.dtype)))
-            term = self.smear_lambda * gate * prev
+            term = ChannelScale.apply(gate * prev, self.smear_lambda)
             x = x + (term * not_bos if not_bos is not None else term)
         x = rms_norm(x)
         if cfg.smear_gate and cfg.smear_gate_mode == "v1":  # x_t = (1-g) x_t + g x_{t-1}, g = sigmoid(gamma)
@@ -1010,9 +1044,9 @@ class GPT(nn.Module):
                 if cfg.unet_skips and skips and j < self.skip_weights.size(0):
                     tgt = lanes[0] if lanes is not None else x
                     if cfg.skip_gates_enabled:  # lerp(w*skip, x, sigmoid(g))
-                        tgt = GatedSkip.apply(tgt, skips.pop(), self.skip_weights[j], self.skip_gates[j])
+                        tgt = GatedSkip.apply(*distinct(tgt, skips.pop()), self.skip_weights[j], self.skip_gates[j])
                     else:
-                        tgt = tgt + self.skip_weights[j] * skips.pop()
+                        tgt = tgt + ChannelScale.apply(skips.pop(), self.skip_weights[j])
                     if lanes is not None:
                         lanes = (tgt, lanes[1])
                     else:
@@ -1097,17 +1131,18 @@ STOCK_NS = [(3.4445, -4.7750, 2.0315)]
 
 
 def newton_schulz(G: torch.Tensor, steps: int, coeffs: tuple) -> torch.Tensor:
-    """Approximate the orthogonal polar factor of G (bf16 on CUDA, fp32 on CPU)."""
+    """Approximate the orthogonal polar factor of G [..., m, n] (bf16 on CUDA, fp32 on CPU); a leading batch
+    dim orthogonalizes each matrix on its own (Muon stacks same-shape matrices to cut kernel launches)."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    tall = X.size(0) > X.size(1)
+    tall = X.size(-2) > X.size(-1)
     if tall:
-        X = X.T
-    X = X / (X.norm() + 1e-7)
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for i in range(steps):
         a, b, c = coeffs[i % len(coeffs)]
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
-    return X.T if tall else X
+    return X.mT if tall else X
 
 
 class Muon(torch.optim.Optimizer):
@@ -1124,29 +1159,39 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
-            off = 0
-            for i, p in enumerate(params):
-                if i % self.world == self.rank:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(mom).add_(p.grad)
-                    u = p.grad.add(buf, alpha=mom)  # Nesterov
+            owned = [p for i, p in enumerate(params) if i % self.world == self.rank]  # rank-sharded orthogonalization
+            bufs = []
+            for p in owned:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(self.state[p]["momentum_buffer"])
+            updates: dict[int, torch.Tensor] = {}
+            if owned:
+                grads = [p.grad for p in owned]
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch._foreach_add(grads, bufs, alpha=mom)
+                by_shape: dict[tuple, list[int]] = {}
+                for j, p in enumerate(owned):
+                    by_shape.setdefault(tuple(p.shape), []).append(j)
+                for shape, idx in by_shape.items():  # one batched Newton-Schulz per matrix shape
+                    u = torch.stack([nesterov[j] for j in idx])
                     if self.row_normalize:
-                        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    u = self.ns(u, self.backend_steps, self.coeffs)
-                    u = u * math.sqrt(max(1.0, p.size(0) / p.size(1)))
-                    flat[off:off + p.numel()] = u.reshape(-1).to(flat.dtype)
+                        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                    u = self.ns(u, self.backend_steps, self.coeffs) * math.sqrt(max(1.0, shape[0] / shape[1]))
+                    for k, j in enumerate(idx):
+                        updates[id(owned[j])] = u[k]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            views, off = [], 0
+            for p in params:
+                views.append(flat[off:off + p.numel()].view_as(p))
+                if id(p) in updates:
+                    views[-1].copy_(updates[id(p)])
                 off += p.numel()
             if self.world > 1:
                 dist.all_reduce(flat)
-            off = 0
-            for p in params:
-                p.mul_(1 - lr * wd)
-                p.add_(flat[off:off + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
-                off += p.numel()
+            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_add_(params, [v.to(p.dtype) for v, p in zip(views, params)], alpha=-lr)
 
 
 def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:

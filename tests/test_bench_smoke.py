@@ -91,3 +91,19 @@ def test_run_gpu_benchmarks_tiny(tmp_path):
     assert "## bench_speed" in summary and "## bench_features" in summary
     ev = events((out / "bench_features.log").read_text())
     assert [e["row"] for e in ev["feature"]] == ["base", "loops_off"]
+
+
+def test_bench_scaling_tiny_two_processes(tmp_path):
+    stdout = run([sys.executable, str(BENCH / "bench_scaling.py"), "--tiny", "--out", str(tmp_path), "--nprocs", "1,2",
+                  "--steps", "1", "--settle", "0", "--loss-steps", "2"], timeout=240)
+    ev = events(stdout)
+    runs = {(e["world"], e["mode"]) for e in ev["scaling_run"]}
+    assert runs == {("1", "off"), ("1", "on"), ("2", "off"), ("2", "on")}
+    sc = ev["scaling"][0]
+    assert sc["nproc"] == "2" and num(sc["efficiency_weighted"]) > 0
+    # same global batch (grad accumulation 8 // N) -> the same losses on 1 and 2 processes (fp32 CPU, gloo)
+    eq = ev["loss_equality"][0]
+    assert eq["steps"] == "2" and num(eq["max_rel_diff"]) < 1e-4
+    res = json.loads((tmp_path / "bench_scaling.json").read_text())
+    assert res["runs"]["1"]["accum"] == 8 and res["runs"]["2"]["accum"] == 4
+    assert "time-weighted scaling efficiency" in (tmp_path / "bench_scaling.md").read_text()

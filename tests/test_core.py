@@ -281,6 +281,27 @@ def test_gated_skip_gradients():
     assert torch.equal(tg.GatedSkip.apply(*args), ref)
 
 
+def test_channel_scale_gradients_and_forward():
+    torch.manual_seed(0)
+    t = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(tg.ChannelScale.apply, [t, s])
+    assert torch.equal(tg.ChannelScale.apply(t, s), s * t)
+    lam = torch.randn(1, dtype=torch.float64, requires_grad=True)  # scalar scale (SmearGate lambda)
+    assert torch.autograd.gradcheck(tg.ChannelScale.apply, [t, lam])
+    # mixed dtypes as in the model: bf16 branch output times an fp32 scale -> fp32, grads in each input's dtype
+    tb = torch.randn(4, 7, 8).bfloat16().requires_grad_()
+    sf = torch.randn(8, requires_grad=True)
+    out = tg.ChannelScale.apply(tb, sf)
+    assert out.dtype == torch.float32 and torch.equal(out, sf * tb)
+    g = torch.randn_like(out)
+    out.backward(g)
+    tb2, sf2 = tb.detach().clone().requires_grad_(), sf.detach().clone().requires_grad_()
+    (sf2 * tb2).backward(g)
+    assert tb.grad.dtype == torch.bfloat16 and torch.equal(tb.grad, tb2.grad)
+    assert torch.allclose(sf.grad, sf2.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_lane_mix_gradients():
     torch.manual_seed(0)
     args = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(4)]
@@ -297,3 +318,17 @@ def test_nan_loss_aborts_with_clear_error(tmp_path):
     trainer = tg.Trainer(cfg, model, torch.device("cpu"), 0, 1, [str(tmp_path / "fineweb_train_000000.bin")], tg.Logger(None, 0))
     with pytest.raises(tg.TrainingError, match="NaN"):
         trainer.train(None)
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_default_stack_traces_as_one_graph(looping):
+    """A graph break splits the compiled step and blocks fusion (it cost ~25% of the step on H100 when the
+    same tensor reached GatedSkip/LaneMix twice). Dynamo's explain runs on the CPU, no inductor needed."""
+    torch._dynamo.reset()
+    cfg = tiny_cfg(NUM_LAYERS=6, LOOP_START=2, LOOP_END=3, NUM_LOOPS=2, PARALLEL_START_LAYER=4)
+    model = tg.GPT(cfg)
+    model.looping_active = looping
+    ids = torch.randint(2, 64, (2, 32))
+    explanation = torch._dynamo.explain(model)(ids, ids, tg.make_masks(cfg, ids, 1))
+    assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1

@@ -110,3 +110,13 @@ def test_newton_schulz_orthogonalizes(coeffs):
     for M in (G, G.T):
         s = torch.linalg.svdvals(tg.newton_schulz(M, 5, c))
         assert s.min() > 0.3 and s.max() < 1.3, s
+
+
+def test_newton_schulz_batched_matches_per_matrix():
+    """Muon stacks same-shape matrices into one batched call: each result must equal its own call."""
+    g = torch.Generator().manual_seed(1)
+    for shape in ((3, 16, 40), (2, 40, 16)):
+        G = torch.randn(*shape, generator=g) * torch.tensor([1.0, 30.0, 0.01][:shape[0]])[:, None, None]  # per-matrix norms
+        batched = tg.newton_schulz(G, 5, tg.POLAR_EXPRESS)
+        for k in range(shape[0]):
+            torch.testing.assert_close(batched[k], tg.newton_schulz(G[k], 5, tg.POLAR_EXPRESS), rtol=1e-5, atol=1e-6)
