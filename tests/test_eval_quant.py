@@ -102,3 +102,18 @@ def test_eval_over_budget_fails_loudly(tmp_path):
     assert r.returncode == 1
     assert any("MAX_EVAL_SECONDS" in e.get("msg", "") for e in events(r.stdout, "error"))
     assert (tmp_path / "runs" / "slow" / "summary.json").exists(), "everything is written before failing"
+
+
+def test_over_budget_message_says_when_packing_the_code_would_fit():
+    code = open(tg.__file__, "rb").read()
+    bound = tg.packed_code_bound(code)
+    assert bound < len(code) / 2  # the readable file compresses well
+    cfg = tg.Config.from_env({})
+    for model_bytes, packable in ((tg.BYTES_LIMIT - bound - 10, True), (tg.BYTES_LIMIT + 10, False)):
+        lines = []
+        rc = tg.fail_loudly(lambda ev, **kv: lines.append((ev, kv)), False, True, True, model_bytes + len(code), 0.0, 1.0, cfg, code)
+        assert rc == 1 and lines[0][0] == "error"
+        msg = lines[0][1]["msg"]
+        assert msg.startswith(f"artifact_over_budget:{model_bytes + len(code)}>") and " " not in msg
+        assert ("pack_code.py" in msg and f"would_be_{model_bytes + bound}" in msg) == packable
+        assert ("lower_MATRIX_BITS" in msg) == (not packable)
