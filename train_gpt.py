@@ -1160,35 +1160,28 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            owned = [p for i, p in enumerate(params) if i % self.world == self.rank]  # rank-sharded orthogonalization
-            bufs = []
-            for p in owned:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(self.state[p]["momentum_buffer"])
-            updates: dict[int, torch.Tensor] = {}
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            views = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+            owned = [i for i in range(len(params)) if i % self.world == self.rank]  # rank-sharded orthogonalization
             if owned:
-                grads = [p.grad for p in owned]
+                for i in owned:
+                    if "momentum_buffer" not in self.state[params[i]]:
+                        self.state[params[i]]["momentum_buffer"] = torch.zeros_like(params[i])
+                grads = [params[i].grad for i in owned]
+                bufs = [self.state[params[i]]["momentum_buffer"] for i in owned]
                 torch._foreach_mul_(bufs, mom)
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch._foreach_add(grads, bufs, alpha=mom)
-                by_shape: dict[tuple, list[int]] = {}
-                for j, p in enumerate(owned):
-                    by_shape.setdefault(tuple(p.shape), []).append(j)
-                for shape, idx in by_shape.items():  # one batched Newton-Schulz per matrix shape
-                    u = torch.stack([nesterov[j] for j in idx])
+                by_shape: dict[tuple, list[int]] = {}  # shape -> positions in `owned`
+                for k, i in enumerate(owned):
+                    by_shape.setdefault(tuple(params[i].shape), []).append(k)
+                for shape, ks in by_shape.items():  # one batched Newton-Schulz per matrix shape
+                    u = torch.stack([nesterov[k] for k in ks])
                     if self.row_normalize:
                         u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                     u = self.ns(u, self.backend_steps, self.coeffs) * math.sqrt(max(1.0, shape[0] / shape[1]))
-                    for k, j in enumerate(idx):
-                        updates[id(owned[j])] = u[k]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
-            views, off = [], 0
-            for p in params:
-                views.append(flat[off:off + p.numel()].view_as(p))
-                if id(p) in updates:
-                    views[-1].copy_(updates[id(p)])
-                off += p.numel()
+                    for u_k, k in zip(u, ks):
+                        views[owned[k]].copy_(u_k)
             if self.world > 1:
                 dist.all_reduce(flat)
             torch._foreach_mul_(params, 1 - lr * wd)
@@ -2537,10 +2530,11 @@ def fail_loudly(log, fits, train_ok, eval_ok, bytes_total, train_total, eval_s, 
     rc = 0
     if not fits:
         bound = packed_code_bound(code) if code else None
-        if bound is not None and bytes_total - len(code) + bound <= BYTES_LIMIT:
+        packed_total = bytes_total - len(code) + bound if bound is not None else None
+        if packed_total is not None and packed_total <= BYTES_LIMIT:
             log("error", msg=f"artifact_over_budget:{bytes_total}>{BYTES_LIMIT}_bytes_(model+code):_the_code_counts_{len(code)}_raw_bytes;"
                 f"_packed_(python3_tools/pack_code.py_train_gpt.py_-o_OUT)_it_is_at_most_{bound}_bytes_and_model+code_would_be_"
-                f"{bytes_total - len(code) + bound}:_run_that_packed_file_instead")
+                f"{packed_total}:_run_that_packed_file_instead")
         else:
             log("error", msg=f"artifact_over_budget:{bytes_total}>{BYTES_LIMIT}_bytes_(model+code);_lower_MATRIX_BITS/EMBED_BITS,_raise_clip_sigmas_or_shrink_the_model")
         rc = 1
