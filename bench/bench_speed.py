@@ -237,25 +237,31 @@ def main(argv=None) -> int:
             tok_s=tok_s, tok_s_mean=r["tok_s_mean"], flops_per_token=fl["flops_per_token"], attn_flops_per_token=fl["attn_flops"],
             layer_visits=fl["layer_visits"], tflops=r["achieved_tflops"], mfu=r["mfu"], peak_mem_gib=r["peak_mem_gib"], loss=r["last_loss"])
         save()
-    off = res["ours"].get("off") or res["ours"][modes[0]]
-    on = res["ours"].get("on", off)
+    # Time-weighted only when it means something: both loop modes timed, or no looping at all.
     f = cfg.enable_looping_at if cfg.num_loops > 0 else 1.0
-    w_tok = f * off["tok_s"] + (1 - f) * on["tok_s"]
-    w_flops = f * off["tok_s"] * off["flops"]["flops_per_token"] + (1 - f) * on["tok_s"] * on["flops"]["flops_per_token"]
-    res["ours"]["weighted"] = dict(frac_off=f, tok_s=w_tok, ms_step=tokens_per_step / w_tok * 1000, mfu=w_flops / ceiling,
-                                   est_8gpu_ms_step=tokens_per_step / (8 * w_tok) * 1000 if cfg.train_batch_tokens == tokens_per_step else None)
-    wres = res["ours"]["weighted"]
-    out("ours_weighted", frac_off=f, tok_s=w_tok, ms_step=wres["ms_step"], mfu=wres["mfu"],
-        est_8gpu_ms_step=wres["est_8gpu_ms_step"])
-    # targets
-    tgt = dict(target_tok_s_per_gpu=C.TARGET_TOK_S_PER_GPU, target_mfu=C.TARGET_MFU)
-    for k in modes + ["weighted"]:
+    w_tok = None
+    if "off" in res["ours"] and ("on" in res["ours"] or cfg.num_loops == 0):
+        off = res["ours"]["off"]
+        on = res["ours"].get("on", off)
+        w_tok = f * off["tok_s"] + (1 - f) * on["tok_s"]
+        w_flops = f * off["tok_s"] * off["flops"]["flops_per_token"] + (1 - f) * on["tok_s"] * on["flops"]["flops_per_token"]
+        res["ours"]["weighted"] = dict(frac_off=f, tok_s=w_tok, ms_step=tokens_per_step / w_tok * 1000, mfu=w_flops / ceiling,
+                                       est_8gpu_ms_step=tokens_per_step / (8 * w_tok) * 1000 if cfg.train_batch_tokens == tokens_per_step else None)
+        wres = res["ours"]["weighted"]
+        out("ours_weighted", frac_off=f, tok_s=w_tok, ms_step=wres["ms_step"], mfu=wres["mfu"],
+            est_8gpu_ms_step=wres["est_8gpu_ms_step"])
+    # targets; MFU is judged only against a ceiling measured at a size that reaches the GPU's peak
+    min_n = 256 if args.tiny else C.MIN_CEILING_N
+    ceiling_ok = matmul_n >= min_n
+    tgt = dict(target_tok_s_per_gpu=C.TARGET_TOK_S_PER_GPU, target_mfu=C.TARGET_MFU, ceiling_ok=ceiling_ok)
+    for k in modes + (["weighted"] if w_tok is not None else []):
         r = res["ours"][k]
         tgt[f"tok_s_ok_{k}"] = r["tok_s"] >= C.TARGET_TOK_S_PER_GPU
-        tgt[f"mfu_ok_{k}"] = r["mfu"] >= C.TARGET_MFU
-    tgt["tok_s_frac_of_target_weighted"] = w_tok / C.TARGET_TOK_S_PER_GPU
+        tgt[f"mfu_ok_{k}"] = (r["mfu"] >= C.TARGET_MFU) if ceiling_ok else None
+    if w_tok is not None:
+        tgt["tok_s_frac_of_target_weighted"] = w_tok / C.TARGET_TOK_S_PER_GPU
     res["target"] = tgt
-    out("target", **tgt)
+    out("target", **{k: ("na" if v is None else v) for k, v in tgt.items()})
     res["modes"] = modes
     save()
 
@@ -312,7 +318,8 @@ def main(argv=None) -> int:
         out("ref_speed", params=rr["params"], ms_step_median=st["median"], ms_step_mean=st["mean"], ms_step_min=st["min"], tok_s=tok_s,
             tok_s_mean=rr["tok_s_mean"], flops_per_token=fl["flops_per_token"], mfu=rr["mfu"], peak_mem_gib=rr["peak_mem_gib"], loss=rr["last_loss"])
         ratios = {m: res["ours"][m]["tok_s"] / tok_s for m in modes}
-        ratios["weighted"] = w_tok / tok_s
+        if w_tok is not None:
+            ratios["weighted"] = w_tok / tok_s
         res["ratio_ours_over_ref_tok_s"] = ratios
         out("ratio", **{f"ours_over_ref_tok_s_{k}": v for k, v in ratios.items()})
         save()
@@ -355,9 +362,17 @@ def markdown(res: dict) -> str:
         lines.append("Ours / reference tokens/s: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["ratio_ours_over_ref_tok_s"].items()) + "\n")
     t = res.get("target")
     if t:
-        lines.append(f"Target: tok/s per GPU >= {t['target_tok_s_per_gpu']:,.0f} (786432/0.1217/8): time-weighted "
-                     f"{'PASS' if t['tok_s_ok_weighted'] else 'FAIL'} ({100 * t['tok_s_frac_of_target_weighted']:.1f}% of target); "
-                     f"MFU >= 40%: time-weighted {'PASS' if t['mfu_ok_weighted'] else 'FAIL'}.\n")
+        verdict = lambda ok: "not judged" if ok is None else ("PASS" if ok else "FAIL")
+        if "tok_s_ok_weighted" in t:
+            line = (f"Target: tok/s per GPU >= {t['target_tok_s_per_gpu']:,.0f} (786432/0.1217/8): time-weighted "
+                    f"{verdict(t['tok_s_ok_weighted'])} ({100 * t['tok_s_frac_of_target_weighted']:.1f}% of target); "
+                    f"MFU >= 40%: time-weighted {verdict(t['mfu_ok_weighted'])}.")
+        else:
+            line = ("Target: not judged (the time-weighted rate needs both loop modes timed); per mode: "
+                    + ", ".join(f"{m} tok/s {verdict(t[f'tok_s_ok_{m}'])}, MFU {verdict(t[f'mfu_ok_{m}'])}" for m in res.get("modes", [])) + ".")
+        if not t.get("ceiling_ok", True):
+            line += f" MFU not judged: the matmul ceiling came from n={mm['n']}, too small to reach the GPU's peak."
+        lines.append(line + "\n")
     if w and w.get("est_8gpu_ms_step"):
         lines.append(f"Estimated 8-GPU ms/step (per-GPU rate, no communication): {w['est_8gpu_ms_step']:.1f} ms (target 121.7).\n")
     prof = res.get("profile")

@@ -58,6 +58,20 @@ def test_bench_speed_tiny(tmp_path):
     assert "tok/s per GPU" in (tmp_path / "bench_speed.md").read_text()
 
 
+def test_bench_speed_one_mode_small_ceiling_is_not_judged(tmp_path):
+    """Timing one loop mode gives no time-weighted rate, and a ceiling from a too-small matmul judges no MFU."""
+    stdout = run([sys.executable, str(BENCH / "bench_speed.py"), "--tiny", "--out", str(tmp_path), "--steps", "1", "--settle", "0",
+                  "--modes", "on", "--ref", "0", "--matmul-n", "64"])
+    ev = events(stdout)
+    assert "ours_weighted" not in ev and [e["mode"] for e in ev["ours_speed"]] == ["on"]
+    t = ev["target"][0]
+    assert t["ceiling_ok"] == "0" and t["mfu_ok_on"] == "na" and t["tok_s_ok_on"] in ("0", "1")
+    res = json.loads((tmp_path / "bench_speed.json").read_text())
+    assert "weighted" not in res["ours"] and res["target"]["mfu_ok_on"] is None
+    md = (tmp_path / "bench_speed.md").read_text()
+    assert "not judged (the time-weighted rate needs both loop modes timed)" in md and "MFU not judged" in md and "time-weighted (" not in md
+
+
 def test_bench_features_tiny(tmp_path):
     stdout = run([sys.executable, str(BENCH / "bench_features.py"), "--tiny", "--out", str(tmp_path), "--steps", "1", "--warm", "1",
                   "--attn-iters", "1", "--attn-warm", "1"])
