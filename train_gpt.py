@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import gc
 import glob
 import hashlib
 import importlib
@@ -1451,6 +1452,8 @@ class Trainer:
                     stop_reason = "wallclock" if budget_ms > 0 and elapsed_ms >= budget_ms else "iterations"
                     break
             pending = (flag, work)
+        if work is not None:  # the last step's flag reduction is still in flight after the break
+            work.wait()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         train_ms += 1000 * (time.perf_counter() - t0)
@@ -2591,6 +2594,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if world > 1 and dist.is_initialized():
+            # Collect cyclic garbage first: a process group still referenced from it is otherwise torn down
+            # during interpreter shutdown, which aborted ~1 in 9 two-process gloo runs ("terminate called
+            # without an active exception") after all their work was done; 0 in 36 with this collect.
+            gc.collect()
             dist.destroy_process_group()
 
 
