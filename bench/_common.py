@@ -120,7 +120,7 @@ def device_name(device) -> str:
 def env_info(device) -> dict:
     code = Path(tg.__file__).read_bytes()
     info = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda or "none",
-                python=platform.python_version(), flash_attn=tg.FLASH_ATTN or "none",
+                python=platform.python_version(), flash_attn=tg.FLASH_ATTN or "none", fa4=int(tg.module_available("flash_attn.cute")),
                 train_gpt=str(Path(tg.__file__).resolve()), train_gpt_sha256=hashlib.sha256(code).hexdigest()[:16])
     try:
         import triton  # noqa: F401

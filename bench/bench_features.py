@@ -161,6 +161,8 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
     v = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_()
     go = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g)
     gqa = Hkv != H
+    # the same values laid out [B, T, H, D] contiguous, as the model hands them to flash-attn
+    q_t, k_t, v_t = (x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
 
     def forced(backend):
         def f(q, k, v):
@@ -183,10 +185,39 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
         bm = create_block_mask(window_mod(w), None, None, T, T, device=device)
         return lambda q, k, v: flex_fn(q, k, v, block_mask=bm, enable_gqa=gqa)
 
+    def flash_case(ffn, w):
+        def f(q, k, v):  # BHTD in and out, like SDPA; the transposes are views, the copies are made up front
+            out = ffn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=(w, 0) if w else (-1, -1))
+            return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+        f.bthd = True
+        return f
+
     def dense_mask_case(w):
         i = torch.arange(T, device=device)
         m = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= w)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa)
+
+    def errors_vs_fp32(fn, qq, kk_, vv, w, nb=2):
+        """Max |difference| of out, dq, dk, dv from an fp32 math-SDPA reference on the first nb sequences
+        (the same inputs): a wrong window, scale or GQA mapping shows up here, not just as a speed."""
+        i = torch.arange(T, device=device)
+        m = i[:, None] >= i[None, :]
+        if w:
+            m = m & (i[:, None] - i[None, :] <= w)
+        leaves = [x.detach()[:nb].clone().requires_grad_() for x in (qq, kk_, vv)]
+        if getattr(fn, "bthd", False):
+            leaves = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in leaves]
+        out = fn(*leaves)
+        out.backward(go[:nb])
+        ref = [x.detach()[:nb].float().requires_grad_() for x in (qq, kk_, vv)]
+        r = H // Hkv
+        with sdpa_kernel([SDPBackend.MATH]):
+            ref_out = F.scaled_dot_product_attention(ref[0], ref[1].repeat_interleave(r, 1), ref[2].repeat_interleave(r, 1), attn_mask=m)
+        ref_out.backward(go[:nb].float())
+        errs = {"err_out": (out.float() - ref_out).abs().max().item()}
+        for name, a, b in zip(("err_dq", "err_dk", "err_dv"), leaves, ref):
+            errs[name] = (a.grad.float() - b.grad).abs().max().item()
+        return errs
 
     cases = [("sdpa_causal_auto", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), 0)]
     if cuda:
@@ -196,6 +227,13 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
                   ("sdpa_causal_flash_expand_kv", expand_flash, 0)]
     cases += [(f"sdpa_dense_mask_w{windows[0]}", dense_mask_case(windows[0]), windows[0]), ("flex_causal", None, 0)]
     cases += [(f"flex_w{w}", None, w) for w in windows]
+    flash_fns = {}  # flash-attn kernels take [B, T, H, D]: timed on their own contiguous copies
+    if cuda and tg._flash_attn_func is not None:
+        flash_fns[tg.FLASH_ATTN] = tg._flash_attn_func
+    if cuda and tg.fa4_attention() is not None:
+        flash_fns["fa4"] = tg.fa4_attention()
+    for kind, ffn in flash_fns.items():
+        cases += [(f"{kind}_causal" if w == 0 else f"{kind}_w{w}", flash_case(ffn, w), w) for w in [0] + windows]
     fwd_only_flex = not cuda  # FlexAttention has no CPU backward
 
     res = dict(shape=dict(B=B, T=T, H=H, Hkv=Hkv, D=D), dtype=str(dtype).replace("torch.", ""), iters=iters, warm=warm,
@@ -216,13 +254,15 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
                 if fn is None:
                     fn = flex_case(w)
 
+                qq, kk_, vv = (q_t, k_t, v_t) if getattr(fn, "bthd", False) else (q, k, v)
+
                 def once():
                     if fwd_only:
                         with torch.no_grad():
-                            fn(q.detach(), k.detach(), v.detach())
+                            fn(qq.detach(), kk_.detach(), vv.detach())
                         return
-                    q.grad = k.grad = v.grad = None
-                    fn(q, k, v).backward(go)
+                    qq.grad = kk_.grad = vv.grad = None
+                    fn(qq, kk_, vv).backward(go)
                 for _ in range(warm):
                     once()
                 C.sync(device)
@@ -245,6 +285,8 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
                 flops = (4 if fwd_only else 12) * B * T * kavg * H * D
                 r = dict(status="ok", ms=ms, ms_min=min(times), pass_="fwd" if fwd_only else "fwd+bwd", window=w, k_avg=kavg,
                          tflops=flops / (ms / 1000) / 1e12, setup_s=setup_s)
+                if not fwd_only:
+                    r.update(errors_vs_fp32(fn, qq, kk_, vv, w))
             except Exception as e:
                 r = dict(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", window=w)
         res["cases"][name] = r
@@ -261,6 +303,8 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
         sp[f"sdpa_auto_over_flex_w{w}"] = ratio("sdpa_causal_auto", f"flex_w{w}")
         sp[f"ideal_k_ratio_w{w}"] = C.avg_keys(T, 0) / C.avg_keys(T, w)
     sp["flex_causal_over_sdpa_auto"] = ratio("flex_causal", "sdpa_causal_auto")
+    for kind in flash_fns:  # > 1 = the flash-attn kernel is faster than what SDPA picks
+        sp[f"sdpa_auto_over_{kind}_causal"] = ratio("sdpa_causal_auto", f"{kind}_causal")
     res["speedups"] = sp
     out("attn_speedup", **sp)
     del q, k, v, go
@@ -382,10 +426,12 @@ def markdown(res: dict) -> str:
         arows = []
         for name, r in a["cases"].items():
             if r["status"] == "ok":
-                arows.append([name, r["window"] or "causal", r["pass_"], r["ms"], r["k_avg"], r["tflops"], "ok"])
+                err = "/".join(f"{r[k]:.1e}" for k in ("err_out", "err_dq", "err_dk", "err_dv")) if "err_out" in r else "-"
+                arows.append([name, r["window"] or "causal", r["pass_"], r["ms"], r["k_avg"], r["tflops"], err, "ok"])
             else:
-                arows.append([name, r["window"] or "causal", None, None, None, None, r["reason"][:80]])
-        lines.append(C.md_table(["case", "window", "pass", "ms", "avg keys/query", "TFLOPS (3x fwd formula)", "status"], arows))
+                arows.append([name, r["window"] or "causal", None, None, None, None, None, r["reason"][:80]])
+        lines.append(C.md_table(["case", "window", "pass", "ms", "avg keys/query", "TFLOPS (3x fwd formula)",
+                                 "max abs err out/dq/dk/dv vs fp32", "status"], arows))
         lines.append("\nSpeedups (time ratio, >1 = the window is faster): " +
                      ", ".join(f"{k} {v:.2f}" for k, v in a["speedups"].items() if v is not None) + "\n")
     return "\n".join(lines)

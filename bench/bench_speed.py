@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     device = C.pick_device()
     C.setup_runtime(device, cfg.seed, 1 if args.tiny else None)
     info = C.env_info(device)
+    info["attention"] = tg.attention_kernel_name(cfg, device)  # what the timed config attends with
     res: dict = dict(bench="speed", tiny=args.tiny, env=info, overrides=C.knob_env(C.parse_sets(args.set)),
                      knob_env=C.knob_env(env), config=cfg.to_dict(), flops_formula=C.FLOPS_DOC, steps=steps, settle=settle)
     def save():  # JSON + markdown after every stage: a timeout still leaves what was measured
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
 def markdown(res: dict) -> str:
     """Markdown snippet of whatever `res` holds so far."""
     e, mm, o = res["env"], res.get("matmul"), res.get("ours", {})
-    lines = [f"## bench_speed ({e['device']}, torch {e['torch']}, cuda {e['cuda']}, flash_attn {e['flash_attn']}"
+    lines = [f"## bench_speed ({e['device']}, torch {e['torch']}, cuda {e['cuda']}, flash_attn {e['flash_attn']}, attention {e.get('attention', '?')}"
              f"{', TINY' if res['tiny'] else ''})\n"]
     if "warmup_s" in o:
         lines.append(f"Config: defaults{' + ' + ' '.join(f'{k}={v}' for k, v in res['overrides'].items()) if res['overrides'] else ''}; "

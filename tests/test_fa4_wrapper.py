@@ -1,0 +1,187 @@
+"""FlashAttention 4 wrapper (ATTN_BACKEND=fa4): the custom-op plumbing, checked on the CPU with a stand-in
+for `flash_attn.cute.interface` whose forward/backward are exact math attention. What it checks is our side:
+the window mapping, the LSE/grad wiring through `register_autograd`, and that torch.compile traces the op
+as one graph. The real FA4 kernels need a Hopper/Blackwell GPU (bench/bench_features.py compares them)."""
+import importlib.machinery
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+
+def _math_attention(q, k, v, left, dout=None):
+    """q [B,T,H,D], k/v [B,T,Hkv,D] -> (out [B,T,H,D], lse [B,H,T]), or with dout the gradients (dq, dk, dv),
+    written out by hand (a custom op's kernel runs below autograd); causal, keys q-left..q when left is set."""
+    B, T, H, D = q.shape
+    r = H // k.size(2)
+    qh, kh, vh = q.transpose(1, 2).float(), k.transpose(1, 2).repeat_interleave(r, 1).float(), v.transpose(1, 2).repeat_interleave(r, 1).float()
+    i = torch.arange(T)
+    mask = i[:, None] >= i[None, :]
+    if left is not None:
+        mask = mask & (i[:, None] - i[None, :] <= left)
+    scale = D ** -0.5
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1)
+    out = p @ vh
+    if dout is None:
+        return out.transpose(1, 2).to(q.dtype), torch.logsumexp(s, -1)
+    do = dout.transpose(1, 2).float()
+    dv = p.transpose(-1, -2) @ do
+    dp = do @ vh.transpose(-1, -2)
+    ds = p * (dp - (do * out).sum(-1, keepdim=True))
+    dq = (ds @ kh) * scale
+    dk = (ds.transpose(-1, -2) @ qh) * scale
+    group = lambda g: g.view(B, H // r, r, T, D).sum(2).transpose(1, 2)  # GQA: sum each KV head's query group
+    return dq.transpose(1, 2).to(q.dtype), group(dk).to(k.dtype), group(dv).to(v.dtype)
+
+
+def _fake_fa4_module():
+    mod = types.ModuleType("flash_attn.cute.interface")
+    calls = {"fwd": [], "bwd": []}
+
+    def _flash_attn_fwd(q, k, v, causal=False, window_size_left=None, window_size_right=None, return_lse=False, **kw):
+        assert causal and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        calls["fwd"].append((window_size_left, window_size_right))
+        out, lse = _math_attention(q, k, v, window_size_left)
+        return out, lse, None, None, None
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, causal=False, window_size_left=None, window_size_right=None, **kw):
+        calls["bwd"].append((window_size_left, window_size_right))
+        return _math_attention(q, k, v, window_size_left, dout)
+
+    mod._flash_attn_fwd, mod._flash_attn_bwd, mod.calls = _flash_attn_fwd, _flash_attn_bwd, calls
+    return mod
+
+
+@pytest.fixture(scope="module")
+def fa4():
+    """tg.fa4_attention() bound to the stand-in module (registered once per process: custom op names are global)."""
+    interface = _fake_fa4_module()
+    pkgs = {"flash_attn": types.ModuleType("flash_attn"), "flash_attn.cute": types.ModuleType("flash_attn.cute")}
+    for name, m in pkgs.items():
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        m.__path__ = []
+    pkgs["flash_attn.cute"].interface = interface
+    interface.__spec__ = importlib.machinery.ModuleSpec("flash_attn.cute.interface", None)
+    saved = {n: sys.modules.get(n) for n in (*pkgs, "flash_attn.cute.interface")}
+    sys.modules.update(pkgs)
+    sys.modules["flash_attn.cute.interface"] = interface
+    saved_fa4 = list(tg._FA4)
+    tg._FA4.clear()
+    try:
+        fn = tg.fa4_attention()
+        assert fn is not None
+        yield fn, interface
+    finally:
+        tg._FA4[:] = saved_fa4
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+def _inputs(seed=0, B=2, T=16, H=4, Hkv=2, D=8):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, h, D, generator=g) for h in (H, Hkv, Hkv))
+    return q, k, v, torch.randn(B, T, H, D, generator=g)
+
+
+def _sdpa_reference(q, k, v, window):
+    T = q.size(1)
+    i = torch.arange(T)
+    m = i[:, None] >= i[None, :]
+    if window:
+        m = m & (i[:, None] - i[None, :] <= window)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fa4_wrapper_matches_sdpa_forward_and_backward(fa4, window, compiled):
+    fn, interface = fa4
+    ws = (window, 0) if window else (-1, -1)
+    call = lambda q, k, v: fn(q, k, v, causal=True, window_size=ws)
+    if compiled:  # fullgraph: the custom op must not break the graph; aot_eager runs its fake + autograd registration
+        torch._dynamo.reset()
+        call = torch.compile(call, backend="aot_eager", fullgraph=True)
+    q, k, v, go = _inputs()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    n_fwd, n_bwd = len(interface.calls["fwd"]), len(interface.calls["bwd"])
+    out = call(*leaves)
+    out.backward(go)
+    ref = _sdpa_reference(*ref_leaves, window)
+    ref.backward(go)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+    expect = (window, 0) if window else (None, None)
+    assert interface.calls["fwd"][n_fwd:] == [expect] and interface.calls["bwd"][n_bwd:] == [expect]
+
+
+def test_fa4_backend_config_checks(monkeypatch):
+    env = {"ATTN_BACKEND": "fa4"}
+    monkeypatch.setattr(tg, "module_available", lambda name: False)
+    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND=fa4: flash-attn-4 is not importable"):
+        tg.Config.from_env(env)
+    monkeypatch.setattr(tg, "module_available", lambda name: True)
+    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND=fa4 cannot apply DOC_ATTENTION"):
+        tg.Config.from_env({**env, "DOC_ATTENTION": "1"})
+    assert tg.Config.from_env(env).attn_backend == "fa4"
+
+
+def test_auto_attention_policy(monkeypatch):
+    """auto: FA3 if importable, else FA4 on Hopper or newer, else SDPA; FA2 only when ATTN_BACKEND=flash."""
+    cuda = torch.device("cuda", 0)
+    f3, f2, f4 = (lambda *a, **k: None), (lambda *a, **k: None), (lambda *a, **k: None)
+    cfg = lambda **env: tg.Config.from_env({k: str(v) for k, v in env.items()})
+
+    def setup(flash, fa4, major):
+        monkeypatch.setattr(tg, "FLASH_ATTN", flash)
+        monkeypatch.setattr(tg, "_flash_attn_func", {"fa3": f3, "fa2": f2, None: None}[flash])
+        monkeypatch.setattr(tg, "fa4_attention", lambda: f4 if fa4 else None)
+        monkeypatch.setattr(tg, "_cuda_major", lambda index: major)
+
+    setup("fa3", True, 9)
+    assert tg.flash_kernel(cfg(), cuda) is f3 and tg.attention_kernel_name(cfg(), cuda) == "fa3"
+    setup("fa2", True, 9)
+    assert tg.flash_kernel(cfg(), cuda) is f4 and tg.attention_kernel_name(cfg(), cuda) == "fa4"
+    assert tg.flash_kernel(cfg(ATTN_BACKEND="flash"), cuda) is f2 and tg.attention_kernel_name(cfg(ATTN_BACKEND="flash"), cuda) == "fa2"
+    setup("fa2", False, 9)
+    assert tg.flash_kernel(cfg(), cuda) is None and tg.attention_kernel_name(cfg(), cuda) == "sdpa"
+    setup(None, True, 8)  # Ampere: FA4 is not taken by auto
+    assert tg.flash_kernel(cfg(), cuda) is None
+    monkeypatch.setattr(tg, "module_available", lambda name: True)
+    assert tg.flash_kernel(cfg(ATTN_BACKEND="fa4"), cuda) is f4  # asked for explicitly
+    setup("fa3", True, 9)
+    for env in (dict(ATTN_BACKEND="sdpa"), dict(ATTN_BACKEND="flex"), dict(DOC_ATTENTION=1)):
+        assert tg.flash_kernel(cfg(**env), cuda) is None, env
+    assert tg.attention_kernel_name(cfg(ATTN_BACKEND="flex"), cuda) == "flex"
+    assert tg.attention_kernel_name(cfg(), torch.device("cpu")) == "sdpa"
+
+
+def test_auto_fa4_choice_traces_without_graph_break(fa4, monkeypatch):
+    """Inside the compiled step, Attention.attend asks flash_kernel(cfg, q.device) on every call; the capability
+    lookup and the FA4 custom op must trace as one graph (the memo is filled eagerly by make_masks first)."""
+    fn, _ = fa4
+    monkeypatch.setattr(tg, "FLASH_ATTN", None)
+    monkeypatch.setattr(tg, "_flash_attn_func", None)
+    monkeypatch.setitem(tg._CUDA_MAJOR, 0, 9)
+    cfg, cuda = tg.Config.from_env({}), torch.device("cuda", 0)
+    assert tg.flash_kernel(cfg, cuda) is fn
+
+    def attend(q, k, v):
+        return tg.flash_kernel(cfg, cuda)(q, k, v, causal=True, window_size=(-1, -1)) * 2
+
+    torch._dynamo.reset()
+    q, k, v, _ = _inputs()
+    explanation = torch._dynamo.explain(attend)(q, k, v)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
