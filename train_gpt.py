@@ -716,6 +716,45 @@ def fa4_attention():
     return flash_attn_func
 
 
+FA4_CHECK: dict = {}  # device index -> None (FA4 matched SDPA on the probe) or why it is not used
+
+
+def fa4_check(device) -> str | None:
+    """Run FA4 once (fwd + bwd, causal GQA, bf16) on `device` against fp32 SDPA and remember the verdict:
+    a broken flash-attn-4 install (DSL/CUDA library mismatch, unsupported GPU) then falls back to SDPA under
+    auto instead of failing inside the compiled step. Runs eagerly (make_masks / the run's env line come
+    before the compiled model); while dynamo traces it only reads the verdict."""
+    key = device.index if device.index is not None else 0
+    if key in FA4_CHECK or torch.compiler.is_compiling():
+        return FA4_CHECK.get(key)
+    fn = fa4_attention()
+    try:
+        if fn is None:
+            raise ImportError("flash_attn.cute.interface does not import")
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            verdict = _fa4_probe(fn, device)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        verdict = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    FA4_CHECK[key] = verdict
+    return verdict
+
+
+def _fa4_probe(fn, device) -> str | None:
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    B, T, H, Hkv, D = 2, 256, 4, 2, 64
+    q, k, v = (torch.randn(B, T, h, D, device=device, dtype=dtype, generator=g).requires_grad_() for h in (H, Hkv, Hkv))
+    go = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g)
+    out = fn(q, k, v, causal=True, window_size=(-1, -1))
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref_in), is_causal=True, enable_gqa=True).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref, ref_in, go.float())
+    worst = max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip((out, *grads), (ref, *ref_grads)))
+    return None if math.isfinite(worst) and worst < 0.05 else f"differs from SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
+
+
 _CUDA_MAJOR: dict = {}  # device index -> compute capability major; a plain dict, which dynamo reads as a constant
 
 
@@ -728,18 +767,22 @@ def _cuda_major(index: int) -> int:
 def flash_kernel(cfg: Config, device=None):
     """The flash-attn function this config attends with on a CUDA device, or None (SDPA / FlexAttention).
     auto: FlashAttention 3, else FlashAttention 4 on Hopper or newer (H200, full step: +2.6 % tok/s over
-    SDPA's cuDNN kernel, BENCHMARKS.md), else SDPA; FlashAttention 2 only when asked for (flash): on Hopper
-    it is ~1.7x slower than cuDNN. Document masks need FlexAttention/SDPA masks, so DOC_ATTENTION never
+    SDPA's cuDNN kernel, BENCHMARKS.md) once it has passed `fa4_check` on this device, else SDPA;
+    FlashAttention 2 only when asked for (flash): on Hopper it is ~1.7x slower than cuDNN. ATTN_BACKEND=fa4
+    fails loudly when the check fails. Document masks need FlexAttention/SDPA masks, so DOC_ATTENTION never
     takes a flash kernel."""
     backend = cfg.attn_backend
     if cfg.doc_attention or backend in ("sdpa", "flex"):
         return None
-    if backend == "fa4":
-        return fa4_attention()
-    if backend == "flash" or FLASH_ATTN == "fa3":
+    if backend == "flash" or (backend == "auto" and FLASH_ATTN == "fa3"):
         return _flash_attn_func
-    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return fa4_attention() if _cuda_major(index) >= 9 else None
+    device = device if device is not None and device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if backend == "auto" and (_cuda_major(device.index) < 9 or fa4_attention() is None):
+        return None
+    why = fa4_check(device)
+    if why is not None and backend == "fa4":
+        raise RuntimeError(f"ATTN_BACKEND=fa4: flash-attn-4 failed its check on {device}: {why}")
+    return None if why is not None else fa4_attention()
 
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "parallel_",
                     "attn_gate_w", "attn_out_gate_w", "attn_gate_bias", "smear_", "vr_lambdas", "ve_layer_scales",
@@ -2558,6 +2601,8 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     log("config", **cfg.to_dict())
     log("env", torch=torch.__version__, cuda=torch.version.cuda or "none", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         world_size=world, flash_attn=FLASH_ATTN or "none", attention=attention_kernel_name(cfg, device), code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
+    if device.type == "cuda" and FA4_CHECK.get(device.index or 0):
+        log("warning", msg=f"flash-attn-4 is installed but not used (SDPA instead): {FA4_CHECK[device.index or 0]}")
     base = dict(run_id=run_dir.name, seed=cfg.seed, code_sha256=code_sha, code_bytes=len(code), config=cfg.to_dict(), world_size=world,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch_version=torch.__version__,
                 cuda_version=torch.version.cuda, max_wallclock_seconds=cfg.max_wallclock_seconds, max_eval_seconds=cfg.max_eval_seconds,

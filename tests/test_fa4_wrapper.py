@@ -143,6 +143,8 @@ def test_auto_attention_policy(monkeypatch):
     f3, f2, f4 = (lambda *a, **k: None), (lambda *a, **k: None), (lambda *a, **k: None)
     cfg = lambda **env: tg.Config.from_env({k: str(v) for k, v in env.items()})
 
+    monkeypatch.setitem(tg.FA4_CHECK, 0, None)  # the GPU probe passed (test_fa4_check_* cover the probe itself)
+
     def setup(flash, fa4, major):
         monkeypatch.setattr(tg, "FLASH_ATTN", flash)
         monkeypatch.setattr(tg, "_flash_attn_func", {"fa3": f3, "fa2": f2, None: None}[flash])
@@ -174,6 +176,7 @@ def test_auto_fa4_choice_traces_without_graph_break(fa4, monkeypatch):
     monkeypatch.setattr(tg, "FLASH_ATTN", None)
     monkeypatch.setattr(tg, "_flash_attn_func", None)
     monkeypatch.setitem(tg._CUDA_MAJOR, 0, 9)
+    monkeypatch.setitem(tg.FA4_CHECK, 0, None)
     cfg, cuda = tg.Config.from_env({}), torch.device("cuda", 0)
     assert tg.flash_kernel(cfg, cuda) is fn
 
@@ -185,3 +188,45 @@ def test_auto_fa4_choice_traces_without_graph_break(fa4, monkeypatch):
     explanation = torch._dynamo.explain(attend)(q, k, v)
     assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def test_fa4_check_accepts_a_correct_kernel_and_rejects_broken_ones(fa4, monkeypatch):
+    """The probe (fwd + bwd of one small GQA call vs fp32 SDPA) passes the exact stand-in, and turns a kernel that
+    raises or computes something else into a reason; auto then attends with SDPA, ATTN_BACKEND=fa4 fails loudly."""
+    fn, interface = fa4
+    cpu = torch.device("cpu")  # the probe runs where it is asked to; on a GPU box that is the training device
+    monkeypatch.setattr(tg, "FA4_CHECK", {})
+    assert tg.fa4_check(cpu) is None and tg.FA4_CHECK == {0: None}
+
+    good_fwd = interface._flash_attn_fwd
+
+    def broken(*a, **k):
+        raise RuntimeError("cuModuleLoadData failed\nmore lines")
+
+    def wrong_scale(q, k, v, **kw):  # e.g. a softmax scale mix-up
+        return good_fwd(q * 2, k, v, **kw)
+
+    for fwd, expect in ((broken, "RuntimeError: cuModuleLoadData failed"), (wrong_scale, "differs from SDPA")):
+        monkeypatch.setattr(interface, "_flash_attn_fwd", fwd)
+        monkeypatch.setattr(tg, "FA4_CHECK", {})
+        why = tg.fa4_check(cpu)
+        assert why is not None and why.startswith(expect), why
+        assert tg.fa4_check(cpu) == why  # remembered: the compiled step only reads it
+
+    # policy with a failed check on cuda:0 (no GPU needed: the verdict is already recorded)
+    monkeypatch.setattr(tg, "FA4_CHECK", {0: "RuntimeError: cuModuleLoadData failed"})
+    monkeypatch.setattr(tg, "FLASH_ATTN", None)
+    monkeypatch.setattr(tg, "_flash_attn_func", None)
+    monkeypatch.setitem(tg._CUDA_MAJOR, 0, 9)
+    monkeypatch.setattr(tg, "module_available", lambda name: True)
+    cuda = torch.device("cuda", 0)
+    assert tg.flash_kernel(tg.Config.from_env({}), cuda) is None
+    with pytest.raises(RuntimeError, match="ATTN_BACKEND=fa4: flash-attn-4 failed its check on cuda:0: RuntimeError: cuModuleLoadData"):
+        tg.flash_kernel(tg.Config.from_env({"ATTN_BACKEND": "fa4"}), cuda)
+
+
+def test_fa4_check_runs_under_no_grad_and_autocast(fa4, monkeypatch):
+    """The first call can come from an eval path (no_grad) or inside autocast: the probe must still judge the kernel."""
+    monkeypatch.setattr(tg, "FA4_CHECK", {})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tg.fa4_check(torch.device("cpu")) is None
