@@ -617,6 +617,23 @@ def requirements_text(code_text: str, torch_version: str) -> str:
 
 
 # ---------------------------------------------------------------------------- README
+_ATTN_INSTALL = {"fa3": "FlashAttention 3 (`flash_attn_interface`, built from the flash-attention repo's `hopper/`)",
+                 "fa4": 'FlashAttention 4 (`pip install "flash-attn-4[cu13]"` on a CUDA 13 torch)',
+                 "fa2": "FlashAttention 2 (`pip install flash-attn`)"}
+
+
+def attention_note(runs: list[Run]) -> str:
+    """The attention kernel the runs logged (event:env attention:, absent in older logs): speed depends on it."""
+    kinds = sorted({(last_event(r.events, "env") or {}).get("attention") for r in runs} - {None})
+    if not kinds:
+        return ""
+    note = f" Attention kernel in these runs (`event:env attention:`): {', '.join(f'`{k}`' for k in kinds)}."
+    extra = [_ATTN_INSTALL[k] for k in kinds if k in _ATTN_INSTALL]
+    if extra:
+        note += (f" It is optional: install {' / '.join(extra)} to match the runs' step time; without it the script"
+                 " attends with PyTorch SDPA (same model, a few % slower per step).")
+    return note
+
 def readme_text(sub: dict, runs: list[Run], args, requirements: str) -> str:
     s0 = runs[0].summary
     cfg = s0["config"]
@@ -705,7 +722,7 @@ artifact; the final metric is `{fm}`.
 
 ## Requirements
 
-PyTorch {sub['pytorch_version']} (CUDA {sub['cuda_version'] or 'n/a'}), Python 3.
+PyTorch {sub['pytorch_version']} (CUDA {sub['cuda_version'] or 'n/a'}), Python 3.{attention_note(runs)}
 `pip install -r requirements.txt`:
 
 ```
