@@ -1241,10 +1241,10 @@ def bake_shared_heads(model: GPT):
 
 def attention_kernel_name(cfg: Config, device) -> str:
     """What full-causal attention runs on for this config and device: fa3 | fa2 | fa4 | sdpa | flex."""
-    use_flash, use_flex = attention_path(cfg, device)
-    if use_flash:
-        return FLASH_ATTN if flash_kernel(cfg, device) is _flash_attn_func else "fa4"
-    return "flex" if use_flex and cfg.attn_backend == "flex" else "sdpa"
+    flash = flash_kernel(cfg, device) if device.type == "cuda" else None
+    if flash is not None:
+        return FLASH_ATTN if flash is _flash_attn_func else "fa4"
+    return "flex" if device.type == "cuda" and cfg.attn_backend == "flex" else "sdpa"
 
 
 def attention_path(cfg: Config, device) -> tuple[bool, bool]:

@@ -192,18 +192,19 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
         f.bthd = True
         return f
 
-    def dense_mask_case(w):
+    def window_mask(w):  # [T, T] boolean, True = attend: causal, and q - kv <= w when w > 0
         i = torch.arange(T, device=device)
-        m = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= w)
+        m = i[:, None] >= i[None, :]
+        return m & (i[:, None] - i[None, :] <= w) if w else m
+
+    def dense_mask_case(w):
+        m = window_mask(w)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa)
 
     def errors_vs_fp32(fn, qq, kk_, vv, w, nb=2):
         """Max |difference| of out, dq, dk, dv from an fp32 math-SDPA reference on the first nb sequences
         (the same inputs): a wrong window, scale or GQA mapping shows up here, not just as a speed."""
-        i = torch.arange(T, device=device)
-        m = i[:, None] >= i[None, :]
-        if w:
-            m = m & (i[:, None] - i[None, :] <= w)
+        m = window_mask(w)
         leaves = [x.detach()[:nb].clone().requires_grad_() for x in (qq, kk_, vv)]
         if getattr(fn, "bthd", False):
             leaves = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in leaves]
@@ -230,8 +231,9 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
     flash_fns = {}  # flash-attn kernels take [B, T, H, D]: timed on their own contiguous copies
     if cuda and tg._flash_attn_func is not None:
         flash_fns[tg.FLASH_ATTN] = tg._flash_attn_func
-    if cuda and tg.fa4_attention() is not None:
-        flash_fns["fa4"] = tg.fa4_attention()
+    fa4_fn = tg.fa4_attention() if cuda else None
+    if fa4_fn is not None:
+        flash_fns["fa4"] = fa4_fn
     for kind, ffn in flash_fns.items():
         cases += [(f"{kind}_causal" if w == 0 else f"{kind}_w{w}", flash_case(ffn, w), w) for w in [0] + windows]
     fwd_only_flex = not cuda  # FlexAttention has no CPU backward
