@@ -121,3 +121,33 @@ def test_bench_scaling_tiny_two_processes(tmp_path):
     res = json.loads((tmp_path / "bench_scaling.json").read_text())
     assert res["runs"]["1"]["accum"] == 8 and res["runs"]["2"]["accum"] == 4
     assert "time-weighted scaling efficiency" in (tmp_path / "bench_scaling.md").read_text()
+
+
+def test_bench_mlp_tiny(tmp_path):
+    """The MLP fusion microbenchmark: every torch case times and checks its errors, quack is skipped on the CPU
+    with the reason, and the per-step saving is (ours - case) x calls per step."""
+    stdout = run([sys.executable, str(BENCH / "bench_mlp.py"), "--tiny", "--out", str(tmp_path), "--iters", "2", "--warm", "1"])
+    ev = events(stdout)
+    cfg = ev["bench_config"][0]
+    assert (cfg["tokens"], cfg["model_dim"], cfg["hidden"]) == ("256", "64", "256")  # 512 tokens / 2 micro-batches; mlp_mult 4
+    assert cfg["calls_per_step"] == "8"  # 4 layer visits looping on (2 layers, loop 0..1 twice) x 2 micro-batches
+    assert ev["skip"][0]["case"] == "quack_relu2" and "CUDA" in ev["skip"][0]["reason"]
+    rows = {e["case"]: e for e in ev["mlp"]}
+    assert set(rows) == {"ours", "ours_relu2", "gemms_only"}
+    for name in ("ours", "ours_relu2"):  # fp32 on the CPU: the cases ARE the reference math
+        assert num(rows[name]["err_out"]) < 1e-6 and num(rows[name]["err_dx"]) < 1e-6
+    res = json.loads((tmp_path / "bench_mlp.json").read_text())
+    ours = res["cases"]["ours"]["ms"]
+    g = res["cases"]["gemms_only"]
+    assert g["save_ms_per_step"] == pytest.approx((ours - g["ms"]) * 8)
+    assert "saving ms/step vs ours" in (tmp_path / "bench_mlp.md").read_text()
+
+
+def test_check_attention_graph_tiny():
+    """On the CPU the kernel is SDPA, no FA4 check ran, and the model is one graph in both loop modes."""
+    ev = events(run([sys.executable, str(BENCH / "check_attention_graph.py"), "--tiny"]))
+    assert ev["attention"][0]["kernel"] == "sdpa" and ev["attention"][0]["fa4_check"] == "none"
+    graphs = {e["looping"]: e for e in ev["graph"]}
+    assert set(graphs) == {"0", "1"}
+    for g in graphs.values():
+        assert (g["graph_count"], g["graph_break_count"], g["attn_ops"]) == ("1", "0", "0")
