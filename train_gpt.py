@@ -2601,8 +2601,9 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     log("config", **cfg.to_dict())
     log("env", torch=torch.__version__, cuda=torch.version.cuda or "none", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         world_size=world, flash_attn=FLASH_ATTN or "none", attention=attention_kernel_name(cfg, device), code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
-    if device.type == "cuda" and FA4_CHECK.get(device.index or 0):
-        log("warning", msg=f"flash-attn-4 is installed but not used (SDPA instead): {FA4_CHECK[device.index or 0]}")
+    fa4_failed = FA4_CHECK.get(device.index or 0) if device.type == "cuda" else None
+    if fa4_failed:
+        log("warning", msg=f"flash-attn-4 is installed but not used (SDPA instead): {fa4_failed}")
     base = dict(run_id=run_dir.name, seed=cfg.seed, code_sha256=code_sha, code_bytes=len(code), config=cfg.to_dict(), world_size=world,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch_version=torch.__version__,
                 cuda_version=torch.version.cuda, max_wallclock_seconds=cfg.max_wallclock_seconds, max_eval_seconds=cfg.max_eval_seconds,

@@ -161,8 +161,10 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
     v = torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=g).requires_grad_()
     go = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g)
     gqa = Hkv != H
-    # the same values laid out [B, T, H, D] contiguous, as the model hands them to flash-attn
-    q_t, k_t, v_t = (x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    def bthd_leaf(x):  # the same values laid out [B, T, H, D] contiguous (as the model hands them to flash-attn), as a BHTD view
+        return x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+    q_t, k_t, v_t = (bthd_leaf(x) for x in (q, k, v))
 
     def forced(backend):
         def f(q, k, v):
@@ -207,7 +209,7 @@ def attn_bench(device, B, T, H, Hkv, D, windows, iters, warm, flex_compile: bool
         m = window_mask(w)
         leaves = [x.detach()[:nb].clone().requires_grad_() for x in (qq, kk_, vv)]
         if getattr(fn, "bthd", False):
-            leaves = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in leaves]
+            leaves = [bthd_leaf(x) for x in leaves]
         out = fn(*leaves)
         out.backward(go[:nb])
         ref = [x.detach()[:nb].float().requires_grad_() for x in (qq, kk_, vv)]

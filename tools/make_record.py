@@ -634,6 +634,7 @@ def attention_note(runs: list[Run]) -> str:
                  " attends with PyTorch SDPA (same model, a few % slower per step).")
     return note
 
+
 def readme_text(sub: dict, runs: list[Run], args, requirements: str) -> str:
     s0 = runs[0].summary
     cfg = s0["config"]
