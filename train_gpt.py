@@ -134,6 +134,7 @@ FIELDS: list[Field] = [
     _f("PARALLEL_RESID_INIT", float, 1.1, "init of the parallel-lane residual lambdas"),
     # attention kernel / speed
     _f("ATTN_BACKEND", str, "auto", "auto | flash (flash-attn 3/2) | fa4 (flash-attn-4, CuTe DSL) | sdpa | flex (FlexAttention)", choices=("auto", "flash", "fa4", "sdpa", "flex")),
+    _f("MLP_KERNEL", str, "auto", "MLP backward: auto (triton on Hopper+ once its check passes) | triton (the dgrad GEMM with the LeakyReLU^2 derivative in its epilogue) | torch", choices=("auto", "triton", "torch")),
     _f("DOC_ATTENTION", bool, False, "attention never crosses a BOS (document-aware masks; training and eval)"),
     _f("COMPILE", bool, True, "torch.compile the model and Newton-Schulz (CUDA only)"),
     # batch / schedule
@@ -356,6 +357,10 @@ class Config:
         if self.attn_backend == "fa4":
             need(not self.doc_attention, "ATTN_BACKEND=fa4 cannot apply DOC_ATTENTION's document masks: use auto, sdpa or flex")
             need(module_available("flash_attn.cute"), "ATTN_BACKEND=fa4: flash-attn-4 is not importable (pip install flash-attn-4)")
+        if self.mlp_kernel == "triton":
+            need(module_available("triton"), "MLP_KERNEL=triton: triton is not importable (it ships with CUDA builds of torch)")
+            hidden = int(self.mlp_mult * self.model_dim)
+            need(self.model_dim % 8 == 0 and hidden % 8 == 0, f"MLP_KERNEL=triton: MODEL_DIM ({self.model_dim}) and the MLP hidden size ({hidden}) must be multiples of 8 (TMA rows are 16-byte aligned)")
         gates = [n for n, on in (("GATED_ATTENTION", self.gated_attention), ("ATTN_OUT_GATE", self.attn_out_gate), ("SPARSE_ATTN_GATE", self.sparse_attn_gate)) if on]
         need(len(gates) <= 1, f"{' and '.join(gates)} are alternative attention output gates: enable at most one")
         need(1 <= self.gate_width <= self.model_dim, f"GATE_WIDTH={self.gate_width}: expected 1..MODEL_DIM")
@@ -724,19 +729,25 @@ def fa4_check(device) -> str | None:
     a broken flash-attn-4 install (DSL/CUDA library mismatch, unsupported GPU) then falls back to SDPA under
     auto instead of failing inside the compiled step. Runs eagerly (make_masks / the run's env line come
     before the compiled model); while dynamo traces it only reads the verdict."""
+    return checked_kernel(FA4_CHECK, device, fa4_attention(), _fa4_probe, "flash_attn.cute.interface does not import")
+
+
+def checked_kernel(verdicts: dict, device, kernel, probe: Callable, missing: str) -> str | None:
+    """Memoized on-device check of an optional kernel: `probe(kernel, device)` returns None when the kernel
+    matches its reference, else why not; an exception (or kernel None: `missing`) also means "do not use it".
+    While dynamo traces, only the memo is read."""
     key = device.index if device.index is not None else 0
-    if key in FA4_CHECK or torch.compiler.is_compiling():
-        return FA4_CHECK.get(key)
-    fn = fa4_attention()
+    if key in verdicts or torch.compiler.is_compiling():
+        return verdicts.get(key)
     try:
-        if fn is None:
-            raise ImportError("flash_attn.cute.interface does not import")
+        if kernel is None:
+            raise ImportError(missing)
         on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         with on_device, torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            verdict = _fa4_probe(fn, device)
+            verdict = probe(kernel, device)
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
         verdict = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-    FA4_CHECK[key] = verdict
+    verdicts[key] = verdict
     return verdict
 
 
@@ -783,6 +794,121 @@ def flash_kernel(cfg: Config, device=None):
     if why is not None and backend == "fa4":
         raise RuntimeError(f"ATTN_BACKEND=fa4: flash-attn-4 failed its check on {device}: {why}")
     return None if why is not None else fa4_attention()
+
+
+_MLP_DGRAD: list = []  # [custom op or None] once loaded
+MLP_DGRAD_CHECK: dict = {}  # device index -> None (the Triton kernel matched fp32 on the probe) or why it is not used
+MLP_DGRAD_TILE = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)  # an H200 autotuning's pick (BENCHMARKS.md)
+
+
+def mlp_dgrad_op():
+    """The MLP backward's dgrad GEMM with the activation derivative in its epilogue, as a torch custom op
+    mlp_dgrad(g, w2, pre, slope) = (g @ w2) * f'(pre), f(u) = leaky_relu(u, slope)^2, f'(u) = 2u (u > 0) or
+    2 slope^2 u; or None without triton. One Triton kernel (TMA loads/stores, persistent over output tiles) in
+    place of cuBLAS + a pass that reads the [tokens x hidden] product and pre again (H200: 12-37 ms/step in the
+    MLP microbenchmark, 5.6 ms = 0.5 % of the whole step; BENCHMARKS.md). TRITON_INTERPRET=1 runs it on a CPU."""
+    if _MLP_DGRAD:
+        return _MLP_DGRAD[0]
+    try:
+        import triton
+        import triton.language as tl
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except Exception:
+        _MLP_DGRAD.append(None)
+        return None
+
+    @triton.jit
+    def dgrad_kernel(g_desc, w_desc, pre_desc, out_desc, M, N, slope, K: tl.constexpr, PROGRAMS: tl.constexpr,
+                     TILES_PER_PROGRAM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+        # builtins only, no tl.cdiv / tl.zeros (jit functions): the CPU interpreter (tests) cannot call those when
+        # triton was imported before TRITON_INTERPRET=1 was set
+        grid_m, grid_n = (M + BM - 1) // BM, (N + BN - 1) // BN
+        for i in tl.range(0, TILES_PER_PROGRAM, flatten=True):  # persistent: loads of the next tile overlap this epilogue
+            tile = tl.program_id(0) + i * PROGRAMS
+            if tile < grid_m * grid_n:
+                per_group = GROUP_M * grid_n  # GROUP_M row blocks in a row share w's column blocks in L2
+                first_m = (tile // per_group) * GROUP_M
+                size_m = min(grid_m - first_m, GROUP_M)
+                om = (first_m + (tile % per_group) % size_m) * BM
+                on = ((tile % per_group) // size_m) * BN
+                acc = tl.full((BM, BN), 0.0, tl.float32)
+                for k in range(0, K, BK):
+                    acc = tl.dot(g_desc.load([om, k]), w_desc.load([k, on]), acc)
+                u = pre_desc.load([om, on]).to(tl.float32)
+                out_desc.store([om, on], (acc * tl.where(u > 0, 2.0 * u, (2.0 * slope * slope) * u)).to(out_desc.dtype))
+
+    @torch.library.custom_op("train_gpt::mlp_dgrad", mutates_args=())
+    def mlp_dgrad(g: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, slope: float) -> torch.Tensor:
+        g, w2, pre = g.contiguous(), w2.contiguous(), pre.contiguous()
+        (M, K), N = g.shape, w2.size(1)
+        out = torch.empty_like(pre)
+        tile = MLP_DGRAD_TILE if g.is_cuda else dict(BM=32, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=1)
+        BM, BN, BK = tile["BM"], tile["BN"], tile["BK"]
+        descs = [TensorDescriptor.from_tensor(t, shape) for t, shape in ((g, [BM, BK]), (w2, [BK, BN]), (pre, [BM, BN]), (out, [BM, BN]))]
+        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+        programs = min(tiles, torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 4)
+        dgrad_kernel[(programs,)](*descs, M, N, float(slope), K, programs, triton.cdiv(tiles, programs), BM, BN, BK,
+                                  tile["GROUP_M"], num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+        return out
+
+    @mlp_dgrad.register_fake
+    def _(g, w2, pre, slope):
+        return torch.empty_like(pre)
+
+    _MLP_DGRAD.append(mlp_dgrad)
+    return mlp_dgrad
+
+
+def _mlp_dgrad_probe(op, device) -> str | None:
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    M, K, N, slope = 300, 64, 200, 0.5  # ragged tiles on purpose
+    dy, w2, pre = (torch.randn(*shape, device=device, dtype=dtype, generator=g) for shape in ((M, K), (K, N), (M, N)))
+    got = op(dy, w2, pre, slope).float()
+    u = pre.float()
+    ref = (dy.float() @ w2.float()) * torch.where(u > 0, 2 * u, 2 * slope * slope * u)
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    return None if math.isfinite(err) and err < 0.02 else f"differs from fp32: max relative error {err:.3g}"
+
+
+def mlp_dgrad_kernel(cfg: Config, device):
+    """The fused MLP dgrad op this config's backward uses on `device`, or None (cuBLAS + inductor).
+    auto: on CUDA sm90+ (TMA) once `checked_kernel` has run it against fp32 on this device; MLP_KERNEL=triton
+    fails loudly when the check fails; LoRA'd MLPs (TTT) always take the torch path."""
+    if cfg.mlp_kernel == "torch" or device.type != "cuda" or cfg.model_dim % 8 or int(cfg.mlp_mult * cfg.model_dim) % 8:
+        return None  # (TMA needs 16-byte aligned rows; MLP_KERNEL=triton: a ConfigError up front)
+    device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if cfg.mlp_kernel == "auto" and (_cuda_major(device.index) < 9 or mlp_dgrad_op() is None):
+        return None
+    why = checked_kernel(MLP_DGRAD_CHECK, device, mlp_dgrad_op(), _mlp_dgrad_probe, "triton does not import")
+    if why is not None and cfg.mlp_kernel == "triton":
+        raise RuntimeError(f"MLP_KERNEL=triton: the Triton MLP kernel failed its check on {device}: {why}")
+    return None if why is not None else mlp_dgrad_op()
+
+
+class MLPFusedGrad(torch.autograd.Function):
+    """proj(leaky_relu(fc(x), slope)^2) on [tokens, d] rows of the compute dtype, with `dgrad` (mlp_dgrad_op)
+    for the activation's gradient; the forward and the other three backward GEMMs are plain torch ops."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, slope, dgrad, up=None):  # up(x, w1, slope) -> (pre, act): bench/mlp_triton.py's fused GEMM
+        if up is None:
+            pre = x @ w1.t()
+            act = F.leaky_relu(pre, slope).square()
+        else:
+            pre, act = up(x, w1, slope)
+        ctx.save_for_backward(x, w1, w2, pre, act)
+        ctx.slope, ctx.dgrad = slope, dgrad
+        return act @ w2.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, pre, act = ctx.saved_tensors
+        dpre = ctx.dgrad(dy.contiguous(), w2, pre, ctx.slope)
+        need = ctx.needs_input_grad  # TTT freezes the weights: skip their GEMMs
+        return (dpre @ w1 if need[0] else None, dpre.t() @ x if need[1] else None, dy.t() @ act if need[2] else None,
+                None, None, None)
 
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "parallel_",
                     "attn_gate_w", "attn_out_gate_w", "attn_gate_bias", "smear_", "vr_lambdas", "ve_layer_scales",
@@ -984,8 +1110,16 @@ class MLP(nn.Module):
         self.fc = CastedLinear(cfg.model_dim, hidden, ortho_init=True)
         self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
         self.slope = cfg.leaky_slope
+        self.cfg = cfg
 
     def forward(self, x):  # one code path for every slope (0 = relu^2)
+        plain = torch.is_grad_enabled() and self.fc.lora is None and self.proj.lora is None  # TTT's LoRA: torch path
+        dgrad = mlp_dgrad_kernel(self.cfg, x.device) if plain else None
+        if dgrad is not None:
+            dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            w1, w2 = (lin.effective_weight().to(dt) for lin in (self.fc, self.proj))
+            y = MLPFusedGrad.apply(x.to(dt).reshape(-1, x.size(-1)), w1, w2, self.slope, dgrad, None)
+            return y.view(*x.shape[:-1], -1)
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
 
 
@@ -1260,6 +1394,7 @@ def make_masks(cfg: Config, x: torch.Tensor, bos_id: int):
     """Mask objects for a batch (None when every layer takes the plain causal fast path).
     Window-only masks are static and cached; document masks depend on the batch."""
     use_flash, use_flex = attention_path(cfg, x.device)
+    mlp_dgrad_kernel(cfg, x.device)  # its first call runs the kernel's check: eagerly, before the compiled step reads it
     if use_flash or not (cfg.doc_attention or any(cfg.layer_windows())):
         return None
     if cfg.doc_attention:
@@ -2600,10 +2735,14 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
         atomic_write_bytes(run_dir / "train_gpt.py", code)
     log("config", **cfg.to_dict())
     log("env", torch=torch.__version__, cuda=torch.version.cuda or "none", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        world_size=world, flash_attn=FLASH_ATTN or "none", attention=attention_kernel_name(cfg, device), code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
+        world_size=world, flash_attn=FLASH_ATTN or "none", attention=attention_kernel_name(cfg, device),
+        mlp_kernel="triton" if mlp_dgrad_kernel(cfg, device) is not None else "torch", code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
     fa4_failed = FA4_CHECK.get(device.index or 0) if device.type == "cuda" else None
     if fa4_failed:
         log("warning", msg=f"flash-attn-4 is installed but not used (SDPA instead): {fa4_failed}")
+    mlp_failed = MLP_DGRAD_CHECK.get(device.index or 0) if device.type == "cuda" else None
+    if mlp_failed:
+        log("warning", msg=f"the Triton MLP kernel is not used (cuBLAS + inductor instead): {mlp_failed}")
     base = dict(run_id=run_dir.name, seed=cfg.seed, code_sha256=code_sha, code_bytes=len(code), config=cfg.to_dict(), world_size=world,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch_version=torch.__version__,
                 cuda_version=torch.version.cuda, max_wallclock_seconds=cfg.max_wallclock_seconds, max_eval_seconds=cfg.max_eval_seconds,

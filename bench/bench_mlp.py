@@ -8,6 +8,12 @@ Cases:
               (slope = LEAKY_SLOPE of the config; the step's profile shows the same standalone kernels)
   ours_relu2  the same with slope 0 (relu^2): the activation quack can fuse
   gemms_only  the six GEMMs of fwd+bwd alone (torch.mm): the floor any activation fusion can reach
+  ours_max_autotune  ours compiled with mode="max-autotune-no-cudagraphs" (inductor also tries Triton GEMM
+              templates with the activation fused in); --max-autotune 0 skips it (compile takes ~1 min)
+  triton_bwd_fused   train_gpt's MLP_KERNEL=triton path (MLPFusedGrad, compiled): forward as ours, the
+              dgrad GEMM with the activation derivative in its epilogue (train_gpt.mlp_dgrad_op, Triton)
+  triton_fused       the same plus bench/mlp_triton.py's forward: a Triton GEMM with LeakyReLU(slope)^2
+              in its epilogue (autotuned). Both CUDA sm90+ only, otherwise skipped with the reason.
   quack_relu2 quack.mlp.mlp_func(..., "relu_sq") (quack-kernels, CuTe DSL, installed with flash-attn-4):
               relu^2 in the forward GEMM's epilogue, its derivative in the dgrad GEMM's epilogue.
               CUDA sm90+ only, and only when importable; otherwise skipped with the reason.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import mlp_triton  # noqa: E402
 
 tg = C.tg
 
@@ -62,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--quack-tuned", type=int, choices=(0, 1), default=1, help="also time quack with its autotuner")
+    ap.add_argument("--max-autotune", type=int, choices=(0, 1), default=1, help="time ours_max_autotune (CUDA)")
     ap.add_argument("--compile", type=int, choices=(0, 1), default=-1, help="compile the torch cases (default: on CUDA)")
     args = ap.parse_args(argv)
 
@@ -97,6 +106,17 @@ def main(argv=None) -> int:
         return o, gout.t() @ h, gh @ a, gh.t() @ x
 
     cases = {"ours": (torch_case(cfg.leaky_slope), cfg.leaky_slope), "ours_relu2": (torch_case(0.0), 0.0), "gemms_only": (None, None)}
+    if use_compile and device.type == "cuda" and args.max_autotune:
+        fn = lambda x, a, b: mlp_ref(x, a, b, cfg.leaky_slope)  # noqa: E731
+        cases["ours_max_autotune"] = (torch.compile(fn, dynamic=False, mode="max-autotune-no-cudagraphs"), cfg.leaky_slope)
+    fused, why = mlp_triton.load() if device.type == "cuda" else (None, "needs CUDA sm90+ (TMA)")
+    if fused is not None:  # the training script's MLP_KERNEL=triton path, and that plus the fused forward
+        s, dgrad = cfg.leaky_slope, tg.mlp_dgrad_op()
+        fn = lambda x, a, b: tg.MLPFusedGrad.apply(x, a, b, s, dgrad, None)  # noqa: E731
+        cases["triton_bwd_fused"] = (torch.compile(fn, dynamic=False) if use_compile else fn, s)
+        cases["triton_fused"] = (lambda x, a, b: tg.MLPFusedGrad.apply(x, a, b, s, dgrad, fused), s)
+    else:
+        out("skip", case="triton_fused", reason=why.replace(" ", "_"))
     qfn, why = quack_mlp(device)
     if qfn is not None:  # untuned = quack's heuristic tile config; tuned = its autotuner (slow first call)
         cases["quack_relu2"] = (qfn(False), 0.0)
@@ -114,11 +134,15 @@ def main(argv=None) -> int:
             fn(x, a, b).backward(gout)
             return x.grad
         try:
+            t0 = time.perf_counter()
+            step(0)  # the first call compiles / autotunes
+            C.sync(device)
+            first_s = time.perf_counter() - t0
             ms = C.stats_ms(C.time_steps(step, args.iters, device, settle=args.warm))
         except Exception as e:  # noqa: BLE001 - a failing optional kernel is reported, not fatal
             out("case_failed", case=name, error=f"{type(e).__name__}:{str(e).splitlines()[0][:160]}".replace(" ", "_"))
             continue
-        row = dict(ms=ms["median"], ms_mean=ms["mean"], ms_stdev=ms["stdev"])
+        row = dict(ms=ms["median"], ms_mean=ms["mean"], ms_stdev=ms["stdev"], first_call_s=first_s)
         if fn is not None:  # errors vs fp32 with the case's activation
             x, a, b = (t.detach().requires_grad_() for t in (x0, w1, w2))
             o = fn(x, a, b)
@@ -131,6 +155,9 @@ def main(argv=None) -> int:
         row["save_ms_per_step"] = (base["ms"] - row["ms"]) * calls
         res["cases"][name] = row
         out("mlp", case=name, **row)
+        if name == "triton_fused":
+            for (M, N, K), picked in fused.chosen_configs().items():
+                out("triton_config", case=name, kernel="fwd", M=M, N=N, K=K, config=picked.replace(" ", "").replace(",", ";"))
         out.write_json(res)  # after every case: a slow optional case cut short keeps the others
         out.write_md(markdown(res))
         C.free_memory(device)
