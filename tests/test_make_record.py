@@ -68,7 +68,7 @@ def make_run(base: Path, seed: int, *, code: bytes = CODE, config: dict | None =
     lines = [
         "event:config " + " ".join(f"{k}:{v}" for k, v in c.items()),
         f"event:env torch:{lg['torch_version']} cuda:{lg['cuda_version']} device:H100 world_size:8 "
-        f"code_sha256:{lg['code_sha256']} code_bytes:{lg['code_bytes']}" + (f" attention:{lg['attention']}" if "attention" in lg else ""),
+        f"code_sha256:{lg['code_sha256']} code_bytes:{lg['code_bytes']}" + "".join(f" {k}:{lg[k]}" for k in ("attention", "mlp_kernel") if k in lg),
         f"event:data train_shards:80 train_tokens:8000000000 val_tokens:{lg['val_tokens']} val_bytes:{lg['val_bytes']}",
         "event:model params:35000000",
         "event:train step:100 loss:3.1 lr_mul:1.0 ms_step:131.0 tok_s:6000000 elapsed_s:13.1 remaining_s:580",
@@ -195,10 +195,11 @@ def test_readme_names_the_attention_kernel_of_the_runs(tmp_path, three_runs):
     """Step time depends on the (optional) attention kernel: the README says which one the logs name."""
     rc, rec = build(tmp_path, three_runs)  # logs without attention: (older runs) nothing is claimed
     assert rc == 0 and "Attention kernel" not in (rec / "README.md").read_text()
-    runs = [make_run(tmp_path / "fa4", s, log_override={"attention": "fa4"}) for s in (1, 2)]
+    runs = [make_run(tmp_path / "fa4", s, log_override={"attention": "fa4", "mlp_kernel": "triton"}) for s in (1, 2)]
     rc, rec = build(tmp_path, runs, name="WithFA4")
     readme = (rec / "README.md").read_text()
     assert rc == 0 and "Attention kernel in these runs (`event:env attention:`): `fa4`." in readme
+    assert "MLP backward kernel (`event:env mlp_kernel:`): `triton`." in readme
     assert 'pip install "flash-attn-4[cu13]"' in readme and mr.check_record(rec) == []
 
 

@@ -623,7 +623,8 @@ _ATTN_INSTALL = {"fa3": "FlashAttention 3 (`flash_attn_interface`, built from th
 
 
 def attention_note(runs: list[Run]) -> str:
-    """The attention kernel the runs logged (event:env attention:, absent in older logs): speed depends on it."""
+    """The attention (and MLP backward) kernel the runs logged (event:env attention: / mlp_kernel:, absent in older
+    logs): speed depends on them."""
     kinds = sorted({(last_event(r.events, "env") or {}).get("attention") for r in runs} - {None})
     if not kinds:
         return ""
@@ -632,6 +633,9 @@ def attention_note(runs: list[Run]) -> str:
     if extra:
         note += (f" It is optional: install {' / '.join(extra)} to match the runs' step time; without it the script"
                  " attends with PyTorch SDPA (same model, a few % slower per step).")
+    mlp = sorted({(last_event(r.events, "env") or {}).get("mlp_kernel") for r in runs} - {None})
+    if mlp:
+        note += f" MLP backward kernel (`event:env mlp_kernel:`): {', '.join(f'`{k}`' for k in mlp)}."
     return note
 
 
