@@ -775,6 +775,11 @@ def _cuda_major(index: int) -> int:
     return _CUDA_MAJOR[index]
 
 
+def _indexed_cuda(device=None) -> torch.device:
+    """`device` with its index; a bare "cuda" (or None) is the current CUDA device."""
+    return device if device is not None and device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def flash_kernel(cfg: Config, device=None):
     """The flash-attn function this config attends with on a CUDA device, or None (SDPA / FlexAttention).
     auto: FlashAttention 3, else FlashAttention 4 on Hopper or newer (H200, full step: +2.6 % tok/s over
@@ -787,7 +792,7 @@ def flash_kernel(cfg: Config, device=None):
         return None
     if backend == "flash" or (backend == "auto" and FLASH_ATTN == "fa3"):
         return _flash_attn_func
-    device = device if device is not None and device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    device = _indexed_cuda(device)
     if backend == "auto" and (_cuda_major(device.index) < 9 or fa4_attention() is None):
         return None
     why = fa4_check(device)
@@ -878,13 +883,18 @@ def mlp_dgrad_kernel(cfg: Config, device):
     fails loudly when the check fails; LoRA'd MLPs (TTT) always take the torch path."""
     if cfg.mlp_kernel == "torch" or device.type != "cuda" or cfg.model_dim % 8 or int(cfg.mlp_mult * cfg.model_dim) % 8:
         return None  # (TMA needs 16-byte aligned rows; MLP_KERNEL=triton: a ConfigError up front)
-    device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    if cfg.mlp_kernel == "auto" and (_cuda_major(device.index) < 9 or mlp_dgrad_op() is None):
+    device, op = _indexed_cuda(device), mlp_dgrad_op()
+    if cfg.mlp_kernel == "auto" and (_cuda_major(device.index) < 9 or op is None):
         return None
-    why = checked_kernel(MLP_DGRAD_CHECK, device, mlp_dgrad_op(), _mlp_dgrad_probe, "triton does not import")
+    why = checked_kernel(MLP_DGRAD_CHECK, device, op, _mlp_dgrad_probe, "triton does not import")
     if why is not None and cfg.mlp_kernel == "triton":
         raise RuntimeError(f"MLP_KERNEL=triton: the Triton MLP kernel failed its check on {device}: {why}")
-    return None if why is not None else mlp_dgrad_op()
+    return None if why is not None else op
+
+
+def mlp_kernel_name(cfg: Config, device) -> str:
+    """What the MLP backward runs on for this config and device: triton | torch."""
+    return "triton" if mlp_dgrad_kernel(cfg, device) is not None else "torch"
 
 
 class MLPFusedGrad(torch.autograd.Function):
@@ -2736,13 +2746,12 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     log("config", **cfg.to_dict())
     log("env", torch=torch.__version__, cuda=torch.version.cuda or "none", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         world_size=world, flash_attn=FLASH_ATTN or "none", attention=attention_kernel_name(cfg, device),
-        mlp_kernel="triton" if mlp_dgrad_kernel(cfg, device) is not None else "torch", code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
-    fa4_failed = FA4_CHECK.get(device.index or 0) if device.type == "cuda" else None
-    if fa4_failed:
-        log("warning", msg=f"flash-attn-4 is installed but not used (SDPA instead): {fa4_failed}")
-    mlp_failed = MLP_DGRAD_CHECK.get(device.index or 0) if device.type == "cuda" else None
-    if mlp_failed:
-        log("warning", msg=f"the Triton MLP kernel is not used (cuBLAS + inductor instead): {mlp_failed}")
+        mlp_kernel=mlp_kernel_name(cfg, device), code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
+    for verdicts, what in ((FA4_CHECK, "flash-attn-4 is installed but not used (SDPA instead)"),
+                           (MLP_DGRAD_CHECK, "the Triton MLP kernel is not used (cuBLAS + inductor instead)")):
+        failed = verdicts.get(device.index or 0) if device.type == "cuda" else None
+        if failed:
+            log("warning", msg=f"{what}: {failed}")
     base = dict(run_id=run_dir.name, seed=cfg.seed, code_sha256=code_sha, code_bytes=len(code), config=cfg.to_dict(), world_size=world,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch_version=torch.__version__,
                 cuda_version=torch.version.cuda, max_wallclock_seconds=cfg.max_wallclock_seconds, max_eval_seconds=cfg.max_eval_seconds,

@@ -95,9 +95,9 @@ def main(argv=None) -> int:
     w2 = (torch.randn(d, hidden, device=device, generator=g) / hidden ** 0.5).to(dtype)
     gout = torch.randn(N, d, device=device, dtype=dtype, generator=g)
 
-    def torch_case(slope):
+    def torch_case(slope, mode=None):
         fn = lambda x, a, b: mlp_ref(x, a, b, slope)  # noqa: E731
-        return torch.compile(fn, dynamic=False) if use_compile else fn
+        return torch.compile(fn, dynamic=False, mode=mode) if use_compile else fn
 
     def gemms_only(x, a, b):  # x@W1^T, h@W2^T; g@W2, g^T@h, gh@W1, gh^T@x (h stands in for the activation)
         h = x @ a.t()
@@ -107,8 +107,7 @@ def main(argv=None) -> int:
 
     cases = {"ours": (torch_case(cfg.leaky_slope), cfg.leaky_slope), "ours_relu2": (torch_case(0.0), 0.0), "gemms_only": (None, None)}
     if use_compile and device.type == "cuda" and args.max_autotune:
-        fn = lambda x, a, b: mlp_ref(x, a, b, cfg.leaky_slope)  # noqa: E731
-        cases["ours_max_autotune"] = (torch.compile(fn, dynamic=False, mode="max-autotune-no-cudagraphs"), cfg.leaky_slope)
+        cases["ours_max_autotune"] = (torch_case(cfg.leaky_slope, "max-autotune-no-cudagraphs"), cfg.leaky_slope)
     fused, why = mlp_triton.load() if device.type == "cuda" else (None, "needs CUDA sm90+ (TMA)")
     if fused is not None:  # the training script's MLP_KERNEL=triton path, and that plus the fused forward
         s, dgrad = cfg.leaky_slope, tg.mlp_dgrad_op()

@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     C.setup_runtime(device, cfg.seed, 1 if args.tiny else None)
     info = C.env_info(device)
     info["attention"] = tg.attention_kernel_name(cfg, device)  # what the timed config attends with
-    info["mlp_kernel"] = "triton" if tg.mlp_dgrad_kernel(cfg, device) is not None else "torch"
+    info["mlp_kernel"] = tg.mlp_kernel_name(cfg, device)
     res: dict = dict(bench="speed", tiny=args.tiny, env=info, overrides=C.knob_env(C.parse_sets(args.set)),
                      knob_env=C.knob_env(env), config=cfg.to_dict(), flops_formula=C.FLOPS_DOC, steps=steps, settle=settle)
     def save():  # JSON + markdown after every stage: a timeout still leaves what was measured

@@ -113,6 +113,7 @@ def test_mlp_kernel_policy(monkeypatch):
     monkeypatch.setattr(tg, "_cuda_major", lambda index: 9)
     monkeypatch.setattr(tg, "MLP_DGRAD_CHECK", {0: None})
     assert tg.mlp_dgrad_kernel(cfg(), cuda) is fake and tg.mlp_dgrad_kernel(cfg(MLP_KERNEL="triton"), cuda) is fake
+    assert tg.mlp_kernel_name(cfg(), cuda) == "triton" and tg.mlp_kernel_name(cfg(), cpu) == "torch"
     assert tg.mlp_dgrad_kernel(cfg(MLP_KERNEL="torch"), cuda) is None and tg.mlp_dgrad_kernel(cfg(), cpu) is None
     assert tg.mlp_dgrad_kernel(tiny_cfg(MODEL_DIM=36, NUM_HEADS=2, NUM_KV_HEADS=2), cuda) is None  # rows not 16-byte aligned
     monkeypatch.setattr(tg, "_cuda_major", lambda index: 8)  # Ampere: no TMA, auto keeps torch

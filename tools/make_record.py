@@ -622,19 +622,19 @@ _ATTN_INSTALL = {"fa3": "FlashAttention 3 (`flash_attn_interface`, built from th
                  "fa2": "FlashAttention 2 (`pip install flash-attn`)"}
 
 
-def attention_note(runs: list[Run]) -> str:
-    """The attention (and MLP backward) kernel the runs logged (event:env attention: / mlp_kernel:, absent in older
-    logs): speed depends on them."""
-    kinds = sorted({(last_event(r.events, "env") or {}).get("attention") for r in runs} - {None})
-    if not kinds:
-        return ""
-    note = f" Attention kernel in these runs (`event:env attention:`): {', '.join(f'`{k}`' for k in kinds)}."
-    extra = [_ATTN_INSTALL[k] for k in kinds if k in _ATTN_INSTALL]
-    if extra:
-        note += (f" It is optional: install {' / '.join(extra)} to match the runs' step time; without it the script"
-                 " attends with PyTorch SDPA (same model, a few % slower per step).")
-    mlp = sorted({(last_event(r.events, "env") or {}).get("mlp_kernel") for r in runs} - {None})
-    if mlp:
+def kernels_note(runs: list[Run]) -> str:
+    """The attention and MLP backward kernels the runs logged (event:env attention: / mlp_kernel:, absent in
+    older logs): step time depends on them."""
+    envs = [last_event(r.events, "env") or {} for r in runs]
+    logged = lambda key: sorted({e.get(key) for e in envs} - {None})  # noqa: E731
+    note = ""
+    if kinds := logged("attention"):
+        note += f" Attention kernel in these runs (`event:env attention:`): {', '.join(f'`{k}`' for k in kinds)}."
+        extra = [_ATTN_INSTALL[k] for k in kinds if k in _ATTN_INSTALL]
+        if extra:
+            note += (f" It is optional: install {' / '.join(extra)} to match the runs' step time; without it the script"
+                     " attends with PyTorch SDPA (same model, a few % slower per step).")
+    if mlp := logged("mlp_kernel"):
         note += f" MLP backward kernel (`event:env mlp_kernel:`): {', '.join(f'`{k}`' for k in mlp)}."
     return note
 
@@ -727,7 +727,7 @@ artifact; the final metric is `{fm}`.
 
 ## Requirements
 
-PyTorch {sub['pytorch_version']} (CUDA {sub['cuda_version'] or 'n/a'}), Python 3.{attention_note(runs)}
+PyTorch {sub['pytorch_version']} (CUDA {sub['cuda_version'] or 'n/a'}), Python 3.{kernels_note(runs)}
 `pip install -r requirements.txt`:
 
 ```
