@@ -132,10 +132,12 @@ FIELDS: list[Field] = [
     _f("ENABLE_LOOPING_AT", float, 0.35, "training fraction at which looping switches on (stays on for eval)"),
     _f("PARALLEL_START_LAYER", int, 8, "two-lane parallel residual decoder from this physical layer; 0 = off"),
     _f("PARALLEL_RESID_INIT", float, 1.1, "init of the parallel-lane residual lambdas"),
+    _f("PARALLEL_SKIP", str, "lane0", "U-Net skip at the first parallel layer: lane0 (into lane 0 only, after the lanes split: record #1855) | both (added before the split)", choices=("lane0", "both")),
     # attention kernel / speed
     _f("ATTN_BACKEND", str, "auto", "auto | flash (flash-attn 3/2) | fa4 (flash-attn-4, CuTe DSL) | sdpa | flex (FlexAttention)", choices=("auto", "flash", "fa4", "sdpa", "flex")),
     _f("MLP_KERNEL", str, "auto", "MLP backward: auto (triton on Hopper+ once its check passes) | triton (the dgrad GEMM with the LeakyReLU^2 derivative in its epilogue) | torch", choices=("auto", "triton", "torch")),
-    _f("DOC_ATTENTION", bool, False, "attention never crosses a BOS (document-aware masks; training and eval)"),
+    _f("DOC_ATTENTION", bool, False, "training attention never crosses a BOS: each micro-batch is one packed sequence, documents cut every TRAIN_SEQ_LEN tokens from their start (the records' varlen layout); varlen flash kernel when available"),
+    _f("EVAL_DOC_ATTENTION", str, "auto", "eval/TTT windows: auto (as DOC_ATTENTION) | on (attention never crosses a BOS inside a window) | off (plain causal windows, as the records' sliding eval)", choices=("auto", "on", "off")),
     _f("COMPILE", bool, True, "torch.compile the model and Newton-Schulz (CUDA only)"),
     # batch / schedule
     _f("TRAIN_SEQ_LEN", int, 2048, "training sequence length"),
@@ -307,6 +309,10 @@ class Config:
         return self.window_short or max(1, self.train_seq_len // 2)
 
     @property
+    def eval_doc_attention_on(self) -> bool:
+        return self.doc_attention if self.eval_doc_attention == "auto" else self.eval_doc_attention == "on"
+
+    @property
     def smear_width(self) -> int:
         return self.smear_gate_width or self.gate_width
 
@@ -355,7 +361,6 @@ class Config:
         need(re.fullmatch(r"[SLsl]+", self.window_pattern) is not None, f"WINDOW_PATTERN={self.window_pattern!r}: expected a string of S and L")
         need(self.window_short >= 0, "WINDOW_SHORT must be >= 0")
         if self.attn_backend == "fa4":
-            need(not self.doc_attention, "ATTN_BACKEND=fa4 cannot apply DOC_ATTENTION's document masks: use auto, sdpa or flex")
             need(module_available("flash_attn.cute"), "ATTN_BACKEND=fa4: flash-attn-4 is not importable (pip install flash-attn-4)")
         if self.mlp_kernel == "triton":
             need(module_available("triton"), "MLP_KERNEL=triton: triton is not importable (it ships with CUDA builds of torch)")
@@ -508,14 +513,40 @@ class TokenStream:
         return np.concatenate(out) if len(out) > 1 else out[0]
 
 
+def doc_cu_seqlens(ids: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
+    """Segment boundaries of a [B, T] token batch read as one flat sequence of B*T tokens: a segment starts at
+    every row start and at every BOS, and a document longer than `max_len` is cut every `max_len` tokens from
+    its own start (the records' varlen training layout). Returns int32 cu_seqlens [0, ..., B*T], padded with
+    B*T (empty segments) to a power-of-two length >= 64, so that compiled steps see few distinct shapes."""
+    B, T = ids.shape
+    n = B * T
+    starts = np.union1d(np.flatnonzero(ids.reshape(-1) == bos_id), np.arange(0, n, T))
+    lengths = np.diff(np.append(starts, n))
+    pieces = -(-lengths // max_len)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)  # index of each piece's first sibling
+    cu = np.append(np.repeat(starts, pieces) + (np.arange(pieces.sum()) - first) * max_len, n)
+    out = np.full(max(64, 1 << (len(cu) - 1).bit_length()), n, dtype=np.int32)
+    out[:len(cu)] = cu
+    return out
+
+
+def segment_ids(cu_seqlens: torch.Tensor, shape) -> torch.Tensor:
+    """Per-token segment index [B, T] from (padded) cu_seqlens over the flattened batch: for document masks."""
+    pos = torch.arange(math.prod(shape), device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return (torch.searchsorted(cu_seqlens, pos, right=True) - 1).view(shape)
+
+
 class DistributedLoader:
     """Each micro-step: one contiguous global chunk of world*(local+1) tokens; rank r gets the r-th span.
-    A background thread prepares pinned batches ahead so the GPU never waits on numpy."""
+    A background thread prepares pinned batches ahead so the GPU never waits on numpy. next() returns
+    (x, y, cu_seqlens): with `doc=(bos_id, max_len)` (DOC_ATTENTION) x and y are ONE packed row [1, local]
+    and cu_seqlens its document segments (doc_cu_seqlens); otherwise rows [local/seq_len, seq_len] and None."""
 
-    def __init__(self, files, rank, world, local_tokens, seq_len, device, prefetch=2, reverse=False):
+    def __init__(self, files, rank, world, local_tokens, seq_len, device, prefetch=2, reverse=False, doc: tuple | None = None):
         assert local_tokens % seq_len == 0
         self.stream = TokenStream(files, reverse=reverse)
         self.rank, self.world, self.local, self.seq_len, self.device = rank, world, local_tokens, seq_len, device
+        self.doc = doc
         self.pin = device.type == "cuda"
         self.q: queue.Queue | None = None
         if prefetch > 0:
@@ -528,10 +559,13 @@ class DistributedLoader:
         span = self.local + 1
         chunk = self.stream.take(self.world * span)[self.rank * span:(self.rank + 1) * span]
         t = torch.from_numpy(chunk.astype(np.int64))
-        x, y = t[:-1].view(-1, self.seq_len), t[1:].view(-1, self.seq_len)
+        row = self.local if self.doc else self.seq_len
+        x, y = t[:-1].view(-1, row), t[1:].view(-1, row)
+        cu = torch.from_numpy(doc_cu_seqlens(chunk[None, :-1], *self.doc)) if self.doc else None
         if self.pin:
             x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+            cu = cu.pin_memory() if cu is not None else None
+        return x, y, cu
 
     def _work(self):
         while not self._stop:
@@ -544,8 +578,8 @@ class DistributedLoader:
                     pass
 
     def next(self):
-        x, y = self.q.get() if self.q is not None else self._make()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return tuple(t.to(self.device, non_blocking=True) if t is not None else None
+                     for t in (self.q.get() if self.q is not None else self._make()))
 
     def close(self):
         if self.q is not None:
@@ -649,14 +683,14 @@ def build_smoke_dataset(data_path: str, tokenizer_path: str, vocab_size: int, lo
 # ----------------------------------------------------------------------------------------------
 
 try:  # FlashAttention 3 (Hopper) or 2, used when importable; everything works without it.
-    from flash_attn_interface import flash_attn_func as _flash_attn_func  # type: ignore
+    from flash_attn_interface import flash_attn_func as _flash_attn_func, flash_attn_varlen_func as _flash_varlen_func  # type: ignore
     FLASH_ATTN = "fa3"
 except Exception:
     try:
-        from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
+        from flash_attn import flash_attn_func as _flash_attn_func, flash_attn_varlen_func as _flash_varlen_func  # type: ignore
         FLASH_ATTN = "fa2"
     except Exception:
-        _flash_attn_func, FLASH_ATTN = None, None
+        _flash_attn_func, _flash_varlen_func, FLASH_ATTN = None, None, None
 
 _FA4: list = []  # [callable or None] once loaded
 
@@ -713,12 +747,62 @@ def fa4_attention():
 
     fa4_fwd.register_autograd(backward, setup_context=setup_context)
 
+    # Varlen (DOC_ATTENTION): q/k/v [total, H, D] with int32 cu_seqlens; segments attend only within themselves.
+    @torch.library.custom_op("train_gpt::fa4_varlen_fwd", mutates_args=())
+    def fa4_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
+                       window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        left, right = windows(window)
+        out, lse = fa4._flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                       max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True,
+                                       window_size_left=left, window_size_right=right, return_lse=True)[:2]
+        return out, lse
+
+    @fa4_varlen_fwd.register_fake
+    def _(q, k, v, cu, max_seqlen, window):
+        N, H, _ = q.shape
+        return q.new_empty((N, H, v.size(-1))), q.new_empty((H, N), dtype=torch.float32)
+
+    @torch.library.custom_op("train_gpt::fa4_varlen_bwd", mutates_args=())
+    def fa4_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, cu: torch.Tensor, max_seqlen: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        left, right = windows(window)
+        dq, dk, dv = fa4._flash_attn_bwd(q.contiguous(), k.contiguous(), v.contiguous(), out, dout.contiguous(), lse,
+                                         causal=True, window_size_left=left, window_size_right=right, cu_seqlens_q=cu,
+                                         cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+        return dq, dk, dv
+
+    @fa4_varlen_bwd.register_fake
+    def _(dout, q, k, v, out, lse, cu, max_seqlen, window):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def varlen_setup_context(ctx, inputs, output):
+        q, k, v, cu, max_seqlen, window = inputs
+        ctx.save_for_backward(q, k, v, cu, *output)
+        ctx.max_seqlen, ctx.window = max_seqlen, window
+
+    def varlen_backward(ctx, dout, dlse):
+        q, k, v, cu, out, lse = ctx.saved_tensors
+        return (*fa4_varlen_bwd(dout, q, k, v, out, lse, cu, ctx.max_seqlen, ctx.window), None, None, None)
+
+    fa4_varlen_fwd.register_autograd(varlen_backward, setup_context=varlen_setup_context)
+
     def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)):
         assert causal, "fa4_attention: causal only"
         return fa4_fwd(q, k, v, max(int(window_size[0]), 0))[0]
 
+    def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, window=0):
+        return fa4_varlen_fwd(q, k, v, cu_seqlens, int(max_seqlen), int(window))[0]
+
+    flash_attn_func.varlen = flash_attn_varlen_func
     _FA4.append(flash_attn_func)
     return flash_attn_func
+
+
+def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, window=0):
+    """FA3's / FA2's flash_attn_varlen_func in the signature of FA4's varlen wrapper (causal)."""
+    out = _flash_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                             window_size=(window, 0) if window else (-1, -1))
+    return out[0] if isinstance(out, tuple) else out
 
 
 FA4_CHECK: dict = {}  # device index -> None (FA4 matched SDPA on the probe) or why it is not used
@@ -763,7 +847,25 @@ def _fa4_probe(fn, device) -> str | None:
     ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref_in), is_causal=True, enable_gqa=True).transpose(1, 2)
     ref_grads = torch.autograd.grad(ref, ref_in, go.float())
     worst = max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip((out, *grads), (ref, *ref_grads)))
-    return None if math.isfinite(worst) and worst < 0.05 else f"differs from SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
+    if not (math.isfinite(worst) and worst < 0.05):
+        return f"differs from SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
+    varlen = getattr(fn, "varlen", None)
+    if varlen is None:
+        return None
+    # varlen: the same batch as one packed sequence, segments = [rows cut at BOS-like points], padded cu_seqlens
+    ids = torch.ones(B, T, dtype=torch.int64)
+    ids[0, 100], ids[1, 7] = 0, 0
+    cu = torch.from_numpy(doc_cu_seqlens(ids.numpy(), 0, T)).to(device)
+    flat = [t.detach().reshape(B * T, *t.shape[2:]).requires_grad_() for t in (q, k, v)]
+    out = varlen(*flat, cu, T, 0)
+    grads = torch.autograd.grad(out, flat, go.reshape(B * T, H, D))
+    seg = segment_ids(cu, (1, B * T))[0]
+    mask = (seg[:, None] == seg[None, :]) & torch.ones(B * T, B * T, dtype=torch.bool, device=device).tril()
+    ref_in = [t.detach().float().requires_grad_() for t in flat]
+    ref = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in ref_in), attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+    ref_grads = torch.autograd.grad(ref, ref_in, go.reshape(B * T, H, D).float())
+    worst = max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip((out, *grads), (ref, *ref_grads)))
+    return None if math.isfinite(worst) and worst < 0.05 else f"varlen differs from masked SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
 
 
 _CUDA_MAJOR: dict = {}  # device index -> compute capability major; a plain dict, which dynamo reads as a constant
@@ -785,10 +887,9 @@ def flash_kernel(cfg: Config, device=None):
     auto: FlashAttention 3, else FlashAttention 4 on Hopper or newer (H200, full step: +2.6 % tok/s over
     SDPA's cuDNN kernel, BENCHMARKS.md) once it has passed `fa4_check` on this device, else SDPA;
     FlashAttention 2 only when asked for (flash): on Hopper it is ~1.7x slower than cuDNN. ATTN_BACKEND=fa4
-    fails loudly when the check fails. Document masks need FlexAttention/SDPA masks, so DOC_ATTENTION never
-    takes a flash kernel."""
+    fails loudly when the check fails. DOC_ATTENTION uses the same kernel's varlen entry point (`varlen_kernel`)."""
     backend = cfg.attn_backend
-    if cfg.doc_attention or backend in ("sdpa", "flex"):
+    if backend in ("sdpa", "flex"):
         return None
     if backend == "flash" or (backend == "auto" and FLASH_ATTN == "fa3"):
         return _flash_attn_func
@@ -799,6 +900,15 @@ def flash_kernel(cfg: Config, device=None):
     if why is not None and backend == "fa4":
         raise RuntimeError(f"ATTN_BACKEND=fa4: flash-attn-4 failed its check on {device}: {why}")
     return None if why is not None else fa4_attention()
+
+
+def varlen_kernel(cfg: Config, device=None):
+    """varlen(q, k, v, cu_seqlens, max_seqlen, window) of the flash kernel this config attends with (FA3/FA2's
+    flash_attn_varlen_func or FA4's), or None: DOC_ATTENTION then uses document masks (FlexAttention / SDPA)."""
+    flash = flash_kernel(cfg, device) if device is not None and device.type == "cuda" else None
+    if flash is None:
+        return None
+    return _flash_varlen if flash is _flash_attn_func else getattr(flash, "varlen", None)
 
 
 _MLP_DGRAD: list = []  # [custom op or None] once loaded
@@ -988,28 +1098,26 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], -1)
 
 
-def build_masks(cfg: Config, T: int, device, ids: torch.Tensor | None, use_flex: bool, bos_id: int) -> dict:
+def build_masks(cfg: Config, T: int, device, seg: torch.Tensor | None, use_flex: bool) -> dict:
     """One mask object per distinct window: None = plain causal (fast path), else a FlexAttention
-    BlockMask (CUDA) or a boolean SDPA mask (CPU). DOC_ATTENTION adds 'same document' (BOS-delimited)."""
-    doc = None
-    if cfg.doc_attention and ids is not None:
-        doc = torch.cumsum((ids == bos_id).to(torch.int32), dim=1)  # [B, T] document index per position
+    BlockMask (CUDA) or a boolean SDPA mask (CPU). `seg` [B, T] (DOC_ATTENTION without a varlen kernel):
+    per-token segment index (`segment_ids`); attention stays inside a segment."""
     masks = {}
     for w in set(cfg.layer_windows()):  # distinct per-layer windows (0 = full)
-        if w == 0 and doc is None:
+        if w == 0 and seg is None:
             masks[w] = None
             continue
         if use_flex:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            def mask_mod(b, h, q, kv, w=w, doc=doc):
+            def mask_mod(b, h, q, kv, w=w, seg=seg):
                 m = q >= kv
                 if w:
                     m = m & (q - kv <= w)
-                if doc is not None:
-                    m = m & (doc[b, q] == doc[b, kv])
+                if seg is not None:
+                    m = m & (seg[b, q] == seg[b, kv])
                 return m
-            B = ids.size(0) if doc is not None else None
+            B = seg.size(0) if seg is not None else None
             masks[w] = create_block_mask(mask_mod, B, None, T, T, device=device)
         else:
             q = torch.arange(T, device=device)
@@ -1017,8 +1125,8 @@ def build_masks(cfg: Config, T: int, device, ids: torch.Tensor | None, use_flex:
             if w:
                 m = m & (q[:, None] - q[None, :] <= w)
             m = m[None, None]
-            if doc is not None:
-                m = m & (doc[:, None, :, None] == doc[:, None, None, :])
+            if seg is not None:
+                m = m & (seg[:, None, :, None] == seg[:, None, None, :])
             masks[w] = m
     return masks
 
@@ -1055,10 +1163,15 @@ class Attention(nn.Module):
                 self.ve_gate = CastedLinear(cfg.ve_gate_width, Hkv, zero_init=True)
 
     def attend(self, q, k, v, masks):
-        """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D], causal within this layer's window."""
+        """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D], causal within this layer's window (and, with a
+        "varlen" entry (cu_seqlens, max_seqlen) in `masks`, within each segment of the flattened batch)."""
+        if masks and "varlen" in masks:
+            (B, T, H, D), (cu, max_seqlen) = q.shape, masks["varlen"]
+            flat = (t.reshape(B * T, *t.shape[2:]) for t in (q, k, v))
+            return varlen_kernel(self.cfg, q.device)(*flat, cu, max_seqlen, self.window).view(B, T, H, -1)
         mask = masks.get(self.window) if masks else None
         flash = flash_kernel(self.cfg, q.device) if q.is_cuda else None
-        if flash is not None:
+        if flash is not None and mask is None:
             ws = (self.window, 0) if self.window else (-1, -1)
             out = flash(q, k, v, causal=True, window_size=ws)
             return out[0] if isinstance(out, tuple) else out
@@ -1069,7 +1182,7 @@ class Attention(nn.Module):
         elif mask is not None:
             y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=self.Hkv != self.H)
         elif self.window:  # no mask object given (direct call): build the dense window mask here
-            m = build_masks(self.cfg, q.size(1), q.device, None, False, 1)[self.window]
+            m = build_masks(self.cfg, q.size(1), q.device, None, False)[self.window]
             y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, enable_gqa=self.Hkv != self.H)
         else:
             y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=self.Hkv != self.H)
@@ -1312,7 +1425,7 @@ class GPT(nn.Module):
 
     def hidden(self, ids, masks=None):
         cfg = self.cfg
-        if masks is None and cfg.doc_attention:  # document masks depend on the batch: build them when not given
+        if masks is None and cfg.eval_doc_attention_on:  # document masks depend on the batch: build them when not given
             masks = make_masks(cfg, ids, self.bos_id)
         x = self.embed(ids)
         x0 = x
@@ -1330,6 +1443,9 @@ class GPT(nn.Module):
             block = self.blocks[li]
             if vi >= n_enc:
                 j = vi - n_enc
+                parallel = cfg.parallel_start_layer > 0 and li >= cfg.parallel_start_layer
+                if parallel and lanes is None and cfg.parallel_skip == "lane0":
+                    lanes = (x, x)  # split first: the skip below enters lane 0 only
                 if cfg.unet_skips and skips and j < self.skip_weights.size(0):
                     tgt = lanes[0] if lanes is not None else x
                     if cfg.skip_gates_enabled:  # lerp(w*skip, x, sigmoid(g))
@@ -1340,7 +1456,7 @@ class GPT(nn.Module):
                         lanes = (tgt, lanes[1])
                     else:
                         x = tgt
-                if cfg.parallel_start_layer > 0 and li >= cfg.parallel_start_layer:
+                if parallel:
                     if lanes is None:
                         lanes = (x, x)
                     lanes = block.forward_parallel(lanes[0], lanes[1], x0, ctx, self.parallel_resid_lambdas[li], self.parallel_post_lambdas[li])
@@ -1400,18 +1516,25 @@ def attention_path(cfg: Config, device) -> tuple[bool, bool]:
 _MASK_CACHE: dict = {}
 
 
-def make_masks(cfg: Config, x: torch.Tensor, bos_id: int):
-    """Mask objects for a batch (None when every layer takes the plain causal fast path).
-    Window-only masks are static and cached; document masks depend on the batch."""
+def make_masks(cfg: Config, x: torch.Tensor, bos_id: int, train: bool = False, cu_seqlens: torch.Tensor | None = None):
+    """Mask objects for a batch ({} when every layer takes the plain causal fast path). Document attention
+    (DOC_ATTENTION for training, EVAL_DOC_ATTENTION otherwise): {"varlen": (cu_seqlens, max_seqlen)} for a
+    varlen flash kernel, else per-window masks over segment ids; `cu_seqlens` comes from the loader in training
+    (computed here from x otherwise: a host sync). Window-only masks are static and cached."""
     use_flash, use_flex = attention_path(cfg, x.device)
     mlp_dgrad_kernel(cfg, x.device)  # its first call runs the kernel's check: eagerly, before the compiled step reads it
-    if use_flash or not (cfg.doc_attention or any(cfg.layer_windows())):
-        return None
-    if cfg.doc_attention:
-        return build_masks(cfg, x.size(1), x.device, x, use_flex, bos_id)
+    if cfg.doc_attention if train else cfg.eval_doc_attention_on:
+        max_len = min(cfg.train_seq_len if train else x.size(1), x.numel())
+        if cu_seqlens is None:
+            cu_seqlens = torch.from_numpy(doc_cu_seqlens(x.detach().cpu().numpy(), bos_id, max_len)).to(x.device)
+        if varlen_kernel(cfg, x.device) is not None:
+            return {"varlen": (cu_seqlens, max_len)}
+        return build_masks(cfg, x.size(1), x.device, segment_ids(cu_seqlens, x.shape), use_flex)
+    if use_flash or not any(cfg.layer_windows()):
+        return {}
     key = (tuple(cfg.layer_windows()), x.size(1), str(x.device), use_flex)
     if key not in _MASK_CACHE:
-        _MASK_CACHE[key] = build_masks(cfg, x.size(1), x.device, None, use_flex, bos_id)
+        _MASK_CACHE[key] = build_masks(cfg, x.size(1), x.device, None, use_flex)
     return _MASK_CACHE[key]
 
 # ----------------------------------------------------------------------------------------------
@@ -1644,15 +1767,17 @@ class Trainer:
         self.loader = self.new_loader()
 
     def new_loader(self):
-        return DistributedLoader(self.train_files, self.rank, self.world, self.local_tokens, self.cfg.train_seq_len, self.device, self.cfg.prefetch_batches)
+        doc = (self.model.bos_id, self.cfg.train_seq_len) if self.cfg.doc_attention else None
+        return DistributedLoader(self.train_files, self.rank, self.world, self.local_tokens, self.cfg.train_seq_len, self.device,
+                                 self.cfg.prefetch_batches, doc=doc)
 
     def step(self, step: int, lr_mul: float) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
-            x, y = self.loader.next()
+            x, y, cu = self.loader.next()
             sync = self.fwd.no_sync() if (self.world > 1 and micro < self.accum - 1) else contextlib.nullcontext()
             with sync, autocast_ctx(self.device):
-                loss = self.fwd(x, y, make_masks(self.cfg, x, self.model.bos_id))
+                loss = self.fwd(x, y, make_masks(self.cfg, x, self.model.bos_id, train=True, cu_seqlens=cu))
             (loss / self.accum).backward()
             total += loss.detach()
         if self.cfg.grad_clip_norm > 0:
@@ -1712,7 +1837,7 @@ class Trainer:
             nonfinite |= ~torch.isfinite(loss)
             step += 1
             elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-            flag = torch.stack([torch.tensor(float((budget_ms > 0 and elapsed_ms >= budget_ms) or step >= cfg.iterations), device=dev), nonfinite.float()])
+            flag = torch.stack([torch.tensor(float(budget_ms > 0 and elapsed_ms >= budget_ms), device=dev), nonfinite.float()])
             work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True) if self.world > 1 else None
             if step % cfg.train_log_every == 0 or step == 1:
                 if self.world > 1:  # log the global mean loss, not rank 0's share
@@ -1735,7 +1860,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 last_log_t = t0
             # Read the PREVIOUS step's flag (its GPU work is long done), so the host never waits on this step.
-            if dev.type != "cuda":  # on CPU there is nothing to overlap: act on this step's flag
+            # The step count is known on every rank without a sync: ITERATIONS stops on exactly that step
+            # (this step's NaN check still runs first).
+            if dev.type != "cuda" or step >= cfg.iterations:
                 pending = (flag, work)
             if pending is not None:
                 f, w = pending
@@ -1744,8 +1871,8 @@ class Trainer:
                 stop, bad = f.tolist()
                 if bad:
                     raise TrainingError(f"loss became NaN/inf by step {step}: training diverged (try a lower MATRIX_LR/TIED_EMBED_LR or GRAD_CLIP_NORM>0)")
-                if stop:
-                    stop_reason = "wallclock" if budget_ms > 0 and elapsed_ms >= budget_ms else "iterations"
+                if stop or step >= cfg.iterations:
+                    stop_reason = "wallclock" if stop else "iterations"
                     break
             pending = (flag, work)
         if work is not None:  # the last step's flag reduction is still in flight after the break
@@ -2363,7 +2490,7 @@ def collect_hessians(model: GPT, loader: DistributedLoader, n_batches: int, devi
     model.eval()
     try:
         for _ in range(n_batches):
-            x, _y = loader.next()
+            x, _y, _cu = loader.next()
             with autocast_ctx(device):
                 add(head, model.hidden(x, make_masks(model.cfg, x, model.bos_id)))
     finally:

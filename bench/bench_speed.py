@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         def ref_step(i):
             total = 0.0
             for _ in range(accum):
-                x, y = loader.next()
+                x, y, _ = loader.next()
                 with tg.autocast_ctx(device):
                     loss = ref(x, y)
                 (loss / accum).backward()

@@ -272,6 +272,9 @@ def ref_logits(model, ids, looping: bool | None = None, doc_attention: bool | No
         pre = f"blocks.{layer}."
         rm0, rm1 = P[pre + "resid_mix"][0], P[pre + "resid_mix"][1]
         decoder = vi >= n_enc
+        parallel = decoder and cfg.parallel_start_layer > 0 and layer >= cfg.parallel_start_layer
+        if parallel and lanes is None and cfg.parallel_skip == "lane0":  # record #1855: skip into lane 0 only
+            lanes = (x, x)
         if decoder and cfg.unet_skips and skips and (vi - n_enc) < P["skip_weights"].shape[0]:
             j = vi - n_enc
             skip = P["skip_weights"][j] * skips.pop()
@@ -287,7 +290,7 @@ def ref_logits(model, ids, looping: bool | None = None, doc_attention: bool | No
                 x = cur
         attn = lambda xin: (P[pre + "attn_scale"] * s_out) * ref_attention(cfg, P, layer, rms(xin) * s_in, xin, ids, state, doc)
         mlp = lambda xin: (P[pre + "mlp_scale"] * s_out) * ref_mlp(P, pre + "mlp.", rms(xin) * s_in, cfg.leaky_slope)
-        if decoder and cfg.parallel_start_layer > 0 and layer >= cfg.parallel_start_layer:
+        if parallel:
             if lanes is None:
                 lanes = (x, x)
             l0, l1 = lanes

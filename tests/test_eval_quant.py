@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
     opts = tg.Optimizers(model, cfg)
     loader = tg.DistributedLoader(files, 0, 1, cfg.train_batch_tokens, cfg.train_seq_len, dev, prefetch=0)
     for step in range(30):
-        x, y = loader.next()
+        x, y, _ = loader.next()
         model(x, y).backward()
         opts.step(1.0, step)
         opts.zero_grad()

@@ -40,19 +40,44 @@ def _math_attention(q, k, v, left, dout=None):
     return dq.transpose(1, 2).to(q.dtype), group(dk).to(k.dtype), group(dv).to(v.dtype)
 
 
+def _segments(cu, max_seqlen):
+    """(start, end) of every non-empty segment of padded cu_seqlens; checks FA's varlen contract."""
+    cu = cu.tolist()
+    assert cu[0] == 0 and all(a <= b for a, b in zip(cu, cu[1:]))
+    segs = [(a, b) for a, b in zip(cu, cu[1:]) if b > a]
+    assert max(b - a for a, b in segs) <= max_seqlen
+    return segs
+
+
 def _fake_fa4_module():
     mod = types.ModuleType("flash_attn.cute.interface")
-    calls = {"fwd": [], "bwd": []}
+    calls = {"fwd": [], "bwd": [], "varlen": 0}
 
-    def _flash_attn_fwd(q, k, v, causal=False, window_size_left=None, window_size_right=None, return_lse=False, **kw):
+    def _flash_attn_fwd(q, k, v, causal=False, window_size_left=None, window_size_right=None, return_lse=False,
+                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, **kw):
         assert causal and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
         calls["fwd"].append((window_size_left, window_size_right))
-        out, lse = _math_attention(q, k, v, window_size_left)
+        if cu_seqlens_q is None:
+            out, lse = _math_attention(q, k, v, window_size_left)
+            return out, lse, None, None, None
+        assert cu_seqlens_k is cu_seqlens_q and cu_seqlens_q.dtype == torch.int32 and max_seqlen_q == max_seqlen_k
+        calls["varlen"] += 1
+        out, lse = torch.zeros_like(q), torch.zeros(q.size(1), q.size(0))
+        for a, b in _segments(cu_seqlens_q, max_seqlen_q):  # each segment alone, as a batch of one
+            o, l = _math_attention(q[None, a:b], k[None, a:b], v[None, a:b], window_size_left)
+            out[a:b], lse[:, a:b] = o[0], l[0]
         return out, lse, None, None, None
 
-    def _flash_attn_bwd(q, k, v, out, dout, lse, causal=False, window_size_left=None, window_size_right=None, **kw):
+    def _flash_attn_bwd(q, k, v, out, dout, lse, causal=False, window_size_left=None, window_size_right=None,
+                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, **kw):
         calls["bwd"].append((window_size_left, window_size_right))
-        return _math_attention(q, k, v, window_size_left, dout)
+        if cu_seqlens_q is None:
+            return _math_attention(q, k, v, window_size_left, dout)
+        grads = [torch.zeros_like(t) for t in (q, k, v)]
+        for a, b in _segments(cu_seqlens_q, max_seqlen_q):
+            for g, part in zip(grads, _math_attention(q[None, a:b], k[None, a:b], v[None, a:b], window_size_left, dout[None, a:b])):
+                g[a:b] = part[0]
+        return tuple(grads)
 
     mod._flash_attn_fwd, mod._flash_attn_bwd, mod.calls = _flash_attn_fwd, _flash_attn_bwd, calls
     return mod
@@ -132,9 +157,8 @@ def test_fa4_backend_config_checks(monkeypatch):
     with pytest.raises(tg.ConfigError, match="ATTN_BACKEND=fa4: flash-attn-4 is not importable"):
         tg.Config.from_env(env)
     monkeypatch.setattr(tg, "module_available", lambda name: True)
-    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND=fa4 cannot apply DOC_ATTENTION"):
-        tg.Config.from_env({**env, "DOC_ATTENTION": "1"})
     assert tg.Config.from_env(env).attn_backend == "fa4"
+    assert tg.Config.from_env({**env, "DOC_ATTENTION": "1"}).doc_attention  # through FA4's varlen entry point
 
 
 def test_auto_attention_policy(monkeypatch):
@@ -163,8 +187,11 @@ def test_auto_attention_policy(monkeypatch):
     monkeypatch.setattr(tg, "module_available", lambda name: True)
     assert tg.flash_kernel(cfg(ATTN_BACKEND="fa4"), cuda) is f4  # asked for explicitly
     setup("fa3", True, 9)
-    for env in (dict(ATTN_BACKEND="sdpa"), dict(ATTN_BACKEND="flex"), dict(DOC_ATTENTION=1)):
-        assert tg.flash_kernel(cfg(**env), cuda) is None, env
+    for env in (dict(ATTN_BACKEND="sdpa"), dict(ATTN_BACKEND="flex")):
+        assert tg.flash_kernel(cfg(**env), cuda) is None and tg.varlen_kernel(cfg(**env), cuda) is None, env
+    # DOC_ATTENTION attends with the same flash kernel's varlen entry point; none on the CPU (document masks)
+    assert tg.flash_kernel(cfg(DOC_ATTENTION=1), cuda) is f3 and tg.varlen_kernel(cfg(DOC_ATTENTION=1), cuda) is tg._flash_varlen
+    assert tg.varlen_kernel(cfg(DOC_ATTENTION=1), torch.device("cpu")) is None
     assert tg.attention_kernel_name(cfg(ATTN_BACKEND="flex"), cuda) == "flex"
     assert tg.attention_kernel_name(cfg(), torch.device("cpu")) == "sdpa"
 
@@ -230,3 +257,96 @@ def test_fa4_check_runs_under_no_grad_and_autocast(fa4, monkeypatch):
     monkeypatch.setattr(tg, "FA4_CHECK", {})
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert tg.fa4_check(torch.device("cpu")) is None
+
+
+# ---- varlen (DOC_ATTENTION): FA4's cu_seqlens entry point ---------------------------------------------------
+
+def _varlen_reference(q, k, v, cu, window):
+    """q [N,H,D], k/v [N,Hkv,D]: SDPA over the flat sequence with a same-segment & causal (& window) mask."""
+    seg = tg.segment_ids(cu, (1, q.size(0)))[0]
+    i = torch.arange(q.size(0))
+    m = (i[:, None] >= i[None, :]) & (seg[:, None] == seg[None, :])
+    if window:
+        m = m & (i[:, None] - i[None, :] <= window)
+    y = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=m, enable_gqa=True)
+    return y[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fa4_varlen_wrapper_matches_masked_sdpa(fa4, window, compiled):
+    fn, interface = fa4
+    ids = torch.ones(2, 16, dtype=torch.long)
+    ids[0, 5] = ids[1, 0] = ids[1, 9] = 0  # BOS = 0: segments [0,5) [5,16) [16,25) [25,32), padded to 64 entries
+    cu = torch.from_numpy(tg.doc_cu_seqlens(ids.numpy(), 0, 16))
+    assert cu.tolist()[:6] == [0, 5, 16, 25, 32, 32] and len(cu) == 64
+    q, k, v, go = (t.reshape(32, *t.shape[2:]) for t in _inputs())
+    call = lambda q, k, v: fn.varlen(q, k, v, cu, 16, window)
+    if compiled:
+        torch._dynamo.reset()
+        call = torch.compile(call, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    n = interface.calls["varlen"]
+    out = call(*leaves)
+    out.backward(go)
+    ref = _varlen_reference(*ref_leaves, cu, window)
+    ref.backward(go)
+    assert interface.calls["varlen"] == n + 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_model_doc_attention_varlen_equals_document_masks(fa4, monkeypatch, train):
+    """The whole model with DOC_ATTENTION through the varlen kernel gives the loss and every parameter gradient of the
+    document-mask path (SDPA over segment ids): training layout (one packed row, documents cut every TRAIN_SEQ_LEN from
+    their start) and eval layout (rows = windows)."""
+    from feature_ref import BOS, build, perturb, token_ids
+    fn, interface = fa4
+    kw = dict(DOC_ATTENTION=1, TRAIN_SEQ_LEN=8, WINDOW_PATTERN="SL", WINDOW_SHORT=3, SMEAR_GATE=1, XSA_LAST_N=-1,
+              PARALLEL_START_LAYER=2, UNET_SKIPS=1, NUM_LOOPS=1, LOOP_START=1, LOOP_END=2)
+    ids = token_ids(B=2, T=24, seed=3, bos_positions=(0, 5, 20))
+    x = ids.reshape(1, -1) if train else ids
+    y = torch.roll(x, -1, 1)
+
+    def loss_and_grads(varlen):
+        cfg, m = build(**kw)
+        perturb(m)
+        m.looping_active = True
+        with monkeypatch.context() as mp:
+            if varlen:  # the CPU has no varlen kernel: hand the stand-in to make_masks and Attention.attend
+                mp.setattr(tg, "varlen_kernel", lambda cfg, device=None: fn.varlen)
+            masks = tg.make_masks(cfg, x, BOS, train=train)
+            assert ("varlen" in masks) == varlen
+            loss = m(x, y, masks)
+            loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    n = interface.calls["varlen"]
+    ref_loss, ref_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    assert interface.calls["varlen"] > n
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fa4_check_covers_varlen(fa4, monkeypatch):
+    """A kernel whose dense path is right but whose varlen path ignores cu_seqlens fails the check."""
+    fn, interface = fa4
+    good_fwd = interface._flash_attn_fwd
+
+    def varlen_ignores_segments(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, **kw):
+        if cu_seqlens_q is not None:
+            n = q.size(0)
+            cu_seqlens_q = cu_seqlens_k = torch.tensor([0, n], dtype=torch.int32)
+            kw["max_seqlen_q"] = kw["max_seqlen_k"] = n
+        return good_fwd(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **kw)
+
+    monkeypatch.setattr(interface, "_flash_attn_fwd", varlen_ignores_segments)
+    monkeypatch.setattr(tg, "FA4_CHECK", {})
+    why = tg.fa4_check(torch.device("cpu"))
+    assert why is not None and why.startswith("varlen differs from masked SDPA"), why

@@ -60,6 +60,7 @@ FEATURES = {
     "loops": dict(NUM_LOOPS=2, LOOP_START=1, LOOP_END=2, UNET_SKIPS=1),
     "loops_from_layer0_vr": dict(NUM_LOOPS=1, LOOP_START=0, LOOP_END=1, VALUE_RESIDUAL=1),
     "parallel": dict(PARALLEL_START_LAYER=2, UNET_SKIPS=1),
+    "parallel_skip_both": dict(PARALLEL_START_LAYER=2, UNET_SKIPS=1, PARALLEL_SKIP="both"),
     "parallel_loops_seq_after_par": dict(PARALLEL_START_LAYER=2, NUM_LOOPS=2, LOOP_START=1, LOOP_END=3, UNET_SKIPS=1),
     "doc_attention_windows": dict(DOC_ATTENTION=1, WINDOW_PATTERN="SL", WINDOW_SHORT=4),
     "everything": dict(LN_SCALE=1, ROPE_DIMS=4, SHARED_HEAD_DIM=2, XSA_LAST_N=-1, VE_ENABLED=1, VE_DIM=8,
@@ -904,3 +905,18 @@ def test_unknown_knob_warns():
     assert any("MATRX_LR" in m for m in got) and any("WINDOW_PATERN" in m for m in got)
     assert not tg.unknown_knob_warnings(dict(BASE, XSA_LAYERS="2", VE128_DIM="8", PATH="/bin", HOME="/root",
                                              WORLD_SIZE="1", LOCAL_RANK="0"))
+
+
+def test_parallel_skip_placement_changes_the_first_parallel_layer_only():
+    """PARALLEL_SKIP=lane0 (record #1855) feeds the first parallel layer's U-Net skip into lane 0 only; both adds it
+    before the lanes split. Same parameters, different function; without parallel lanes the switch does nothing."""
+    ids = token_ids(B=2, T=16, seed=4)
+    out = {}
+    for mode in ("lane0", "both"):
+        for par in (2, 0):
+            cfg, m = build(PARALLEL_START_LAYER=par, UNET_SKIPS=1, PARALLEL_SKIP=mode)
+            perturb(m)
+            with torch.no_grad():
+                out[mode, par] = m.forward_logits(ids)
+    assert not torch.allclose(out["lane0", 2], out["both", 2])
+    assert torch.equal(out["lane0", 0], out["both", 0])

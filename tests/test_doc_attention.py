@@ -1,0 +1,97 @@
+"""In-document attention (DOC_ATTENTION / EVAL_DOC_ATTENTION): the records' varlen training layout. Segment
+boundaries against a naive reference, the loader's packed rows, document isolation and the cut of long documents
+in the training layout, and which masks each path gets. The varlen kernel wiring is in test_fa4_wrapper.py."""
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from feature_ref import BOS, build, perturb, token_ids
+
+
+def naive_cu(ids: np.ndarray, bos: int, max_len: int) -> list[int]:
+    """Walk the flat batch token by token: a new segment at each row start, each BOS, and after max_len tokens."""
+    B, T = ids.shape
+    cu, run = [], 0
+    for i, t in enumerate(ids.reshape(-1)):
+        if i % T == 0 or t == bos or run == max_len:
+            cu.append(i)
+            run = 0
+        run += 1
+    return cu + [B * T]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_doc_cu_seqlens_matches_naive_walk(seed):
+    rng = np.random.default_rng(seed)
+    B, T = int(rng.integers(1, 4)), int(rng.integers(1, 40))
+    ids = rng.integers(0, 6, size=(B, T))  # BOS = 1 appears often, runs of no BOS too
+    if seed % 5 == 0:
+        ids[ids == 1] = 2  # no BOS at all
+    max_len = int(rng.integers(1, 2 * T + 1))
+    got = tg.doc_cu_seqlens(ids, 1, max_len)
+    ref = naive_cu(ids, 1, max_len)
+    assert got.dtype == np.int32 and len(got) >= 64 and len(got) & (len(got) - 1) == 0  # power of two >= 64
+    assert got[:len(ref)].tolist() == ref and (got[len(ref):] == B * T).all()
+
+
+def test_doc_cu_seqlens_record_layout_and_bucket_growth():
+    # one packed row: a document continuing from the previous batch, then two BOS-started ones; cut every 4 tokens
+    ids = np.array([[5, 5, 5, 5, 5, 5, 1, 5, 5, 1, 5, 5, 5, 5, 5, 5, 5, 5, 5]])
+    assert tg.doc_cu_seqlens(ids, 1, 4)[:8].tolist() == [0, 4, 6, 9, 13, 17, 19, 19]
+    many = np.ones((1, 200), dtype=np.int64)  # 200 one-token segments -> 201 entries -> 256
+    assert len(tg.doc_cu_seqlens(many, 1, 8)) == 256
+    seg = tg.segment_ids(torch.from_numpy(tg.doc_cu_seqlens(ids, 1, 4)), (1, 19))
+    assert seg.tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5]]
+
+
+def test_loader_doc_mode_packs_one_row_with_segments(tmp_path):
+    toks = np.tile(np.array([1, 7, 8, 9, 1, 4, 4, 4, 4, 4, 4, 4]), 40)
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", toks)
+    files = [str(tmp_path / "fineweb_train_000000.bin")]
+    cpu = torch.device("cpu")
+    rows = tg.DistributedLoader(files, 0, 1, 32, 8, cpu, prefetch=0)
+    packed = tg.DistributedLoader(files, 0, 1, 32, 8, cpu, prefetch=0, doc=(1, 8))
+    for _ in range(3):
+        (xr, yr, cur), (xp, yp, cup) = rows.next(), packed.next()
+        assert cur is None and xr.shape == (4, 8) and xp.shape == (1, 32)
+        assert torch.equal(xr.reshape(1, -1), xp) and torch.equal(yr.reshape(1, -1), yp)  # same tokens, same order
+        assert cup.dtype == torch.int32 and cup.tolist() == tg.doc_cu_seqlens(xp.numpy(), 1, 8).tolist()
+
+
+def test_training_layout_isolates_documents_and_cuts_long_ones():
+    """One packed row (DOC_ATTENTION training): no position sees another document, and inside a document longer than
+    TRAIN_SEQ_LEN a position sees only its own TRAIN_SEQ_LEN piece (the records' cut from the document's start)."""
+    cfg, m = build(DOC_ATTENTION=1, TRAIN_SEQ_LEN=8, SMEAR_GATE=1, XSA_LAST_N=-1, UNET_SKIPS=1, WINDOW_PATTERN="SL",
+                   WINDOW_SHORT=3)
+    perturb(m)
+    ids = token_ids(B=1, T=40, seed=2, bos_positions=(0, 6, 30))  # docs [0,6) [6,30) [30,40); [6,30) cut at 14, 22
+    with torch.no_grad():
+        ref = m.forward_logits(ids, tg.make_masks(cfg, ids, BOS, train=True))
+        for t, first_unchanged in ((3, 6), (8, 14), (20, 22), (26, 30)):
+            ids2 = ids.clone()
+            ids2[0, t] = 3 if ids[0, t] != 3 else 4
+            out = m.forward_logits(ids2, tg.make_masks(cfg, ids2, BOS, train=True))
+            assert torch.equal(out[:, first_unchanged:], ref[:, first_unchanged:]), t
+            assert not torch.allclose(out[:, t:first_unchanged], ref[:, t:first_unchanged]), t
+        # smear crosses the cut (same document), attention does not: the token right after a cut still changes
+        # through SmearGate when its predecessor changes -- exactly as in the records' packed rows
+        ids2 = ids.clone()
+        ids2[0, 13] = 3 if ids[0, 13] != 3 else 4
+        out = m.forward_logits(ids2, tg.make_masks(cfg, ids2, BOS, train=True))
+        assert not torch.allclose(out[:, 14], ref[:, 14])
+
+
+def test_masks_follow_train_and_eval_settings():
+    ids = token_ids(B=2, T=16, seed=1, bos_positions=(0, 9))
+    doc_train = build(DOC_ATTENTION=1, EVAL_DOC_ATTENTION="off")[0]
+    assert tg.make_masks(doc_train, ids.reshape(1, -1), BOS, train=True)  # document masks in training
+    assert tg.make_masks(doc_train, ids, BOS) == {}  # plain causal eval windows (as the records' sliding eval)
+    doc_eval = build(DOC_ATTENTION=0, EVAL_DOC_ATTENTION="on")[0]
+    assert tg.make_masks(doc_eval, ids, BOS, train=True) == {}
+    eval_masks = tg.make_masks(doc_eval, ids, BOS)
+    assert eval_masks and eval_masks[0].shape == (2, 1, 16, 16)
+    assert not eval_masks[0][1, 0, 9, 8] and eval_masks[0][1, 0, 8, 0]  # BOS at 9 starts a new segment; rows are separate
+    assert build(DOC_ATTENTION=1)[0].eval_doc_attention_on and not build(DOC_ATTENTION=0)[0].eval_doc_attention_on
+    with pytest.raises(tg.ConfigError, match="EVAL_DOC_ATTENTION"):
+        build(EVAL_DOC_ATTENTION="yes")
