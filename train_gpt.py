@@ -84,6 +84,8 @@ FIELDS: list[Field] = [
     _f("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192", "folder with fineweb_{train,val}_*.bin shards"),
     _f("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model used for the byte LUTs of val_bpb"),
     _f("VAL_MAX_TOKENS", int, 0, "evaluate only the first N val tokens (0 = all; debugging only, not a valid score)"),
+    _f("CASEOPS", bool, False, "the data is CaseOps-transformed (data/caseops.py): val_bpb needs the byte sidecar fineweb_val_bytes_*.bin", aliases=("CASEOPS_ENABLED",)),
+    _f("VAL_BYTES", str, "auto", "bytes of val_bpb: auto (the sidecar fineweb_val_bytes_*.bin when DATA_PATH has one, else LUTs) | sidecar (required) | luts (SentencePiece LUTs)", choices=("auto", "sidecar", "luts")),
     # model shape
     _f("VOCAB_SIZE", int, 8192, "vocabulary size (must equal the tokenizer's)"),
     _f("NUM_LAYERS", int, 11, "physical transformer blocks"),
@@ -212,6 +214,10 @@ ALIASES = {a: f.name for f in FIELDS for a in f.aliases}
 _RUNTIME_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "CUDA_VISIBLE_DEVICES"}
 
+# CASEOPS=1 moves the default data and tokenizer to the CaseOps variant (explicit env still wins).
+CASEOPS_DEFAULTS = dict(DATA_PATH="./data/datasets/fineweb10B_sp8192_caseops",
+                        TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+
 # PRESET=smoke: defaults for a tiny run of the whole pipeline on a CPU; explicit env still wins.
 SMOKE_PRESET = dict(
     DATA_PATH="./data/datasets/smoke_sp512", TOKENIZER_PATH="./data/datasets/smoke_sp512/smoke_sp512.model",
@@ -278,6 +284,10 @@ class Config:
                 values[f.name] = f.default
             if f.choices and values[f.name] not in f.choices:
                 raise ConfigError(f"{raw.get(f.name, (0, f.name))[1]}={values[f.name]!r}: expected one of {list(f.choices)}")
+        if values["CASEOPS"]:  # CaseOps data lives apart from the plain sp8192 shards (data/README.md)
+            for name, default in CASEOPS_DEFAULTS.items():
+                if name not in raw:
+                    values[name] = default
         cfg = cls(values)
         cfg._validate()
         for msg in unknown_knob_warnings(env):
@@ -339,6 +349,7 @@ class Config:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
+        need(not (self.caseops and self.val_bytes == "luts"), "CASEOPS=1 with VAL_BYTES=luts: the LUTs would count the transformed text's bytes (operators included); use VAL_BYTES=auto or sidecar")
         need(self.vocab_size > 1 and self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size}: expected 2..65536 (uint16 shards)")
         need(self.num_layers >= 1, f"NUM_LAYERS={self.num_layers}: expected >= 1")
         need(self.model_dim >= 8, f"MODEL_DIM={self.model_dim}: expected >= 8")
@@ -587,13 +598,26 @@ class DistributedLoader:
             self.thread.join(timeout=2)
 
 
-def load_val_tokens(data_path: str, max_tokens: int = 0) -> np.ndarray:
+def load_val_tokens(data_path: str, max_tokens: int = 0, full: bool = False) -> np.ndarray:
     toks = np.concatenate([np.asarray(load_shard(f)) for f in shard_files(data_path, "val")])
-    if max_tokens > 0:
+    if max_tokens > 0 and not full:
         toks = toks[:max_tokens]
     if toks.size < 2:
         raise DataError(f"DATA_PATH={data_path}: validation split has {toks.size} tokens; need at least 2")
     return toks
+
+
+def load_val_byte_sidecar(data_path: str, n_tokens: int, max_tokens: int = 0) -> np.ndarray | None:
+    """Original UTF-8 bytes per val token (fineweb_val_bytes_*.bin, same shard layout as the tokens; written by
+    data/text_to_shards.py --caseops / --byte-sidecar), or None when DATA_PATH has none."""
+    files = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")))
+    if not files:
+        return None
+    side = np.concatenate([np.asarray(load_shard(f)) for f in files]).astype(np.int64)
+    if side.size != n_tokens:
+        raise DataError(f"DATA_PATH={data_path}: byte sidecar fineweb_val_bytes_*.bin has {side.size} entries but the val shards "
+                        f"hold {n_tokens} tokens: they must be written together (data/text_to_shards.py --caseops)")
+    return side[:max_tokens] if max_tokens > 0 else side
 
 
 def build_byte_luts(sp, vocab_size: int):
@@ -2595,10 +2619,16 @@ def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, in
 
 
 class LUTs:
-    def __init__(self, luts, device):
-        self.base, self.lead, self.boundary = (torch.as_tensor(a, device=device) for a in luts)
+    """Bytes charged per scored target: the SentencePiece LUT rule, or (CaseOps data) the byte sidecar's entry at
+    the target's position in the val stream."""
 
-    def bytes(self, prev, tgt):
+    def __init__(self, luts, device, sidecar: np.ndarray | None = None):
+        self.base, self.lead, self.boundary = (torch.as_tensor(a, device=device) for a in luts)
+        self.sidecar = torch.as_tensor(sidecar, device=device) if sidecar is not None else None
+
+    def bytes(self, prev, tgt, pos=None):
+        if self.sidecar is not None:
+            return self.sidecar[pos]
         return self.base[tgt] + (self.lead[tgt] & ~self.boundary[prev]).long()
 
 
@@ -2623,7 +2653,7 @@ def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, bat
         m = ar[None, :] >= (L - ns)[:, None]
         loss_sum += (nll * m).sum()
         n_tok += m.sum()
-        n_bytes += (luts.bytes(x, y) * m).sum()
+        n_bytes += (luts.bytes(x, y, idx[:, 1:].to(device)) * m).sum()
     return loss_sum, n_tok, n_bytes
 
 
@@ -2848,7 +2878,20 @@ def load_eval_data(cfg: Config, device):
     val = load_val_tokens(cfg.data_path, cfg.val_max_tokens)
     if int(val.max()) >= cfg.vocab_size:
         raise DataError(f"{cfg.data_path}: val token id {int(val.max())} >= VOCAB_SIZE={cfg.vocab_size}: vocab mismatch with the data")
-    return sp, LUTs(luts_np, device), torch.from_numpy(val.astype(np.int64))
+    if cfg.caseops:
+        missing = [hex(0xE001 + i) for i in range(4) if sp.piece_to_id(chr(0xE001 + i)) == sp.unk_id()]
+        if missing:
+            raise DataError(f"CASEOPS=1: TOKENIZER_PATH={cfg.tokenizer_path} has no pieces for the CaseOps operators {missing}: "
+                            f"use the CaseOps tokenizer (fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model)")
+    sidecar = None
+    if cfg.val_bytes != "luts":
+        n_full = val.size if cfg.val_max_tokens <= 0 else load_val_tokens(cfg.data_path, full=True).size
+        sidecar = load_val_byte_sidecar(cfg.data_path, n_full, cfg.val_max_tokens)
+        if sidecar is None and (cfg.caseops or cfg.val_bytes == "sidecar"):
+            why = "CASEOPS=1" if cfg.caseops else "VAL_BYTES=sidecar"
+            raise DataError(f"{why}: DATA_PATH={cfg.data_path} has no byte sidecar fineweb_val_bytes_*.bin (build the val shards with "
+                            f"`python data/text_to_shards.py --caseops ...`, see data/README.md)")
+    return sp, LUTs(luts_np, device, sidecar), torch.from_numpy(val.astype(np.int64))
 
 
 def write_summary(run_dir: Path, summary: dict, rank: int, log: Logger):
@@ -2896,7 +2939,8 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     if first.size and int(first[: 1 << 20].max()) >= cfg.vocab_size:
         raise DataError(f"{train_files[0]}: token id >= VOCAB_SIZE={cfg.vocab_size}: vocab mismatch with the data")
     log("data", train_shards=len(train_files), train_tokens=sum(read_shard_header(f) for f in train_files), val_tokens=len(val) - 1,
-        val_bytes=int(luts.bytes(val[:-1].to(device), val[1:].to(device)).sum().item()),
+        val_bytes=int(luts.bytes(val[:-1].to(device), val[1:].to(device), torch.arange(1, len(val), device=device)).sum().item()),
+        val_bytes_from="sidecar" if luts.sidecar is not None else "luts",
         tokenizer_pieces=sp.vocab_size(), bos_id=bos)
 
     model = GPT(cfg, bos).to(device)

@@ -8,8 +8,14 @@ Every document is written as [BOS] + sp.encode(text), no EOS; documents run acro
   python3 data/text_to_shards.py docs.jsonl --tokenizer tok.model --out-dir data/datasets/mine
   python3 data/text_to_shards.py a.txt b.jsonl -t tok.model --out-dir D --val-docs 100   # first 100 -> val
   python3 data/text_to_shards.py val.jsonl -t tok.model --out-dir D --split val
+  python3 data/text_to_shards.py docs.jsonl -t caseops.model --out-dir D --caseops --val-docs 50000   # CaseOps
 
-Library use (self-contained, no train_gpt import): write_shard(path, tokens), read_shard(path).
+--caseops applies the lossless case transform of data/caseops.py to every document before tokenizing (use the
+CaseOps tokenizer) and writes, beside each val shard, the byte sidecar fineweb_val_bytes_NNNNNN.bin: the ORIGINAL
+text's UTF-8 bytes per token (BOS 0), which train_gpt.py uses for val_bpb. --byte-sidecar writes the sidecar for
+plain (non-CaseOps) val shards too. The sidecar needs SentencePiece's piece offsets (pip install protobuf).
+
+Library use (no train_gpt import; data/caseops.py beside it): write_shard(path, tokens), read_shard(path).
 """
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import caseops  # noqa: E402  (data/caseops.py)
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -155,7 +164,7 @@ class ShardWriter:
 
 
 def existing_shards(out_dir: Path, split: str) -> list[Path]:
-    return sorted(out_dir.glob(f"fineweb_{split}_*.bin"))
+    return sorted(p for p in out_dir.glob(f"fineweb_{split}_*.bin") if split == "val_bytes" or "_bytes_" not in p.name)
 
 
 def load_tokenizer(model_path: Path):
@@ -173,10 +182,11 @@ def load_tokenizer(model_path: Path):
 
 def convert(inputs: list[Path], tokenizer: Path, out_dir: Path, split: str = "train", val_docs: int = 0,
             shard_tokens: int = 100_000_000, max_docs: int | None = None, text_key: str = "text",
-            txt_mode: str = "blank", overwrite: bool = False, batch_docs: int = 256,
-            log=print) -> dict[str, ShardWriter]:
+            txt_mode: str = "blank", overwrite: bool = False, batch_docs: int = 256, case_ops: bool = False,
+            byte_sidecar: bool = False, log=print) -> dict[str, ShardWriter]:
     """Encode all inputs into shards. split='val': everything to val. split='train': the first `val_docs`
-    documents to val, the rest to train. Returns the writers per split (docs/tokens/paths)."""
+    documents to val, the rest to train. case_ops: CaseOps-transform every document and write the val byte
+    sidecar (byte_sidecar: the sidecar without the transform). Returns the writers per split (docs/tokens/paths)."""
     if split not in ("train", "val"):
         raise ShardError(f"split must be train or val, got {split!r}")
     if split == "val" and val_docs:
@@ -199,6 +209,10 @@ def convert(inputs: list[Path], tokenizer: Path, out_dir: Path, split: str = "tr
         names = ", ".join(p.name for s in splits for p in stale[s][:3])
         raise ShardError(f"{out_dir} already holds shards ({names}...); pass --overwrite to replace them")
     writers = {s: ShardWriter(out_dir, s, shard_tokens) for s in splits}
+    sidecar = (case_ops or byte_sidecar) and "val" in splits
+    if sidecar:  # same lengths as the val token shards, so both split at the same places
+        stale["val_bytes"] = existing_shards(out_dir, "val_bytes")
+        writers["val_bytes"] = ShardWriter(out_dir, "val_bytes", shard_tokens)
 
     def docs() -> Iterator[str]:
         n = 0
@@ -221,10 +235,17 @@ def convert(inputs: list[Path], tokenizer: Path, out_dir: Path, split: str = "tr
 
     n_doc = 0
     for batch in batches(docs()):
-        for ids in sp.encode(batch, num_threads=os.cpu_count() or 1):
+        texts = [caseops.encode(t) for t in batch] if case_ops else batch
+        for text, ids in zip(texts, sp.encode(texts, num_threads=os.cpu_count() or 1)):
+            to = "val" if split == "val" or n_doc < val_docs else "train"
             arr = np.empty(len(ids) + 1, dtype=np.uint16)
             arr[0], arr[1:] = bos, ids
-            writers["val" if split == "val" or n_doc < val_docs else "train"].add_doc(arr)
+            writers[to].add_doc(arr)
+            if to == "val" and sidecar:
+                side_ids, nbytes = caseops.token_bytes(sp, text)
+                if side_ids != list(ids) or max(nbytes, default=0) > 0xFFFF:
+                    raise ShardError(f"document {n_doc}: byte sidecar does not line up with its tokens")
+                writers["val_bytes"].add_doc(np.array([0] + nbytes, dtype=np.uint16))
             n_doc += 1
     for s, w in writers.items():
         w.close()
@@ -253,12 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--txt-mode", choices=("blank", "line", "file"), default="blank",
                     help=".txt: docs separated by blank lines / one per line / one per file")
     ap.add_argument("--overwrite", action="store_true", help="replace existing shards of the written splits")
+    ap.add_argument("--caseops", action="store_true", help="CaseOps-transform the text (data/caseops.py) and write the val byte sidecar")
+    ap.add_argument("--byte-sidecar", action="store_true", help="write the val byte sidecar (original UTF-8 bytes per token) without CaseOps")
     args = ap.parse_args(argv)
     try:
         convert(args.inputs, args.tokenizer, args.out_dir, split=args.split, val_docs=args.val_docs,
                 shard_tokens=args.shard_tokens, max_docs=args.max_docs, text_key=args.text_key,
-                txt_mode=args.txt_mode, overwrite=args.overwrite)
-    except ShardError as e:
+                txt_mode=args.txt_mode, overwrite=args.overwrite, case_ops=args.caseops, byte_sidecar=args.byte_sidecar)
+    except (ShardError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
