@@ -193,7 +193,7 @@ FIELDS: list[Field] = [
     _f("LQER_RANK", int, 4, "LQER rank"),
     _f("LQER_TOP_K", int, 3, "LQER on the K tensors with the largest error"),
     _f("LQER_GROUP", int, 64, "LQER INT4 group size", aliases=("LQER_ASYM_GROUP",)),
-    _f("COMPRESSOR", str, "brotli", "brotli (q11 + byte shuffle) | zstd | lzma", choices=("brotli", "zstd", "lzma")),
+    _f("COMPRESSOR", str, "brotli", "brotli (q11 + byte shuffle) | zstd | lzma | pergroup (int8 weights by role, rows L1-sorted, best codec per group incl. lrzip when installed: record #1855)", choices=("brotli", "zstd", "lzma", "pergroup")),
     # evaluation
     _f("EVAL_SEQ_LEN", int, 2048, "eval context length"),
     _f("EVAL_STRIDE", int, 64, "sliding-window stride (scored tokens per window)"),
@@ -2481,12 +2481,152 @@ def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
 
 
 def serialize_state(tensors: dict, meta: dict, compressor: str = "brotli", shuffle: int = 2) -> bytes:
-    """pack_state + compress_blob; `meta` is stored as given (use meta_for_storage to slim it)."""
+    """pack_state + compress_blob (or the per-group container); `meta` is stored as given (meta_for_storage slims it)."""
+    if compressor == "pergroup":
+        return serialize_pergroup(tensors, meta)
     return compress_blob(pack_state(tensors, meta), compressor, shuffle)
 
 
 def deserialize_state(blob: bytes) -> tuple:
+    if bytes(blob[:4]) == PGRP_MAGIC:
+        return deserialize_pergroup(blob)
     return unpack_state(decompress_blob(blob))
+
+
+# ---- per-group container (COMPRESSOR=pergroup, record #1855) -------------------------------------------------------
+# The int8 codes of each weight role (tok_emb, attn.c_q/c_k/c_v/proj, mlp.fc/proj) over all layers form one stream:
+# every matrix written transposed (column-major), the rows of the "hot" roles first put in greedy L1 nearest-neighbour
+# order (the permutation is stored), each stream compressed with whichever available codec makes it smallest
+# (brotli / lzma / zstd, lrzip -L 9 when the binary is installed). Everything else (scales, gates, LQER factors,
+# passthroughs, meta) takes the ordinary brotli path. Layout: b"PGRP" | uint32 header_len | JSON header | streams.
+PGRP_MAGIC = b"PGRP"
+PERGROUP_ROLES = ("tok_emb.weight.q", "attn.c_q.weight.q", "attn.c_k.weight.q", "attn.c_v.weight.q", "attn.proj.weight.q",
+                  "mlp.fc.weight.q", "mlp.proj.weight.q")
+PERGROUP_HOT = ("tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q")
+
+
+def tensor_role(name: str) -> str:
+    """'blocks.3.attn.c_q.weight.q' -> 'attn.c_q.weight.q' (the layer index dropped)."""
+    return re.sub(r"^blocks\.\d+\.", "", name)
+
+
+def l1_row_order(q: torch.Tensor) -> list[int]:
+    """Greedy nearest-neighbour row order: start at row 0, then always the unused row closest in L1 to the last one."""
+    rows = q.to(torch.int32)
+    left = torch.ones(rows.size(0), dtype=torch.bool)
+    order, cur = [0], 0
+    left[0] = False
+    for _ in range(rows.size(0) - 1):
+        d = (rows - rows[cur]).abs().sum(1)
+        d[~left] = torch.iinfo(torch.int32).max
+        cur = int(torch.argmin(d))
+        order.append(cur)
+        left[cur] = False
+    return order
+
+
+def _lrzip(args: list[str], data: bytes) -> bytes:
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="pgrp_") as d:
+        src, dst = Path(d) / "in", Path(d) / "out"
+        src.write_bytes(data)
+        subprocess.run(["lrzip", "-q", "-f", *args, "-o", str(dst), str(src)], check=True, capture_output=True)
+        return dst.read_bytes()
+
+
+def pergroup_codecs() -> list[str]:
+    """The codecs a pergroup stream may use here: the Python ones that import, and lrzip when its binary exists."""
+    import shutil
+    return [c for c, m in (("brotli", "brotli"), ("lzma", "lzma"), ("zstd", "zstandard")) if module_available(m)] + \
+        (["lrzip"] if shutil.which("lrzip") else [])
+
+
+def _stream_compress(raw: bytes, codec: str) -> bytes:
+    if codec == "lrzip":
+        return _lrzip(["-z", "-L", "9"], raw)
+    return compress_blob(raw, codec, 0)[4:]
+
+
+def _stream_decompress(payload: bytes, codec: str) -> bytes:
+    if codec == "lrzip":
+        import shutil
+        if not shutil.which("lrzip"):
+            raise RuntimeError("this pergroup artifact has lrzip-compressed streams: install lrzip (apt-get install lrzip)")
+        return _lrzip(["-d"], payload)
+    if codec not in _CODEC_IDS:
+        raise ValueError(f"pergroup stream with unknown codec {codec!r}")
+    return decompress_blob(BLOB_MAGIC + _CODEC_IDS[codec] + payload)
+
+
+def serialize_pergroup(tensors: dict, meta: dict, codecs: list[str] | None = None) -> bytes:
+    codecs = codecs or pergroup_codecs()
+    groups: dict[str, list[str]] = {}
+    for name, t in tensors.items():
+        if tensor_role(name) in PERGROUP_ROLES and t.dtype == torch.int8 and t.dim() == 2:
+            groups.setdefault(tensor_role(name), []).append(name)
+    grouped = {n for names in groups.values() for n in names}
+    header: dict = {"version": 1, "groups": []}
+    streams, perms = [], []
+    for role in (r for r in PERGROUP_ROLES if r in groups):
+        parts, entries = [], []
+        for name in groups[role]:
+            q = tensors[name]
+            order = l1_row_order(q) if role in PERGROUP_HOT and q.size(0) > 2 else None
+            if order is not None:
+                q = q[order]
+                perms.append(np.asarray(order, dtype=np.uint32 if q.size(0) > 65536 else np.uint16).tobytes())
+            parts.append(q.t().contiguous().numpy().tobytes())
+            entries.append({"name": name, "shape": list(q.shape), "perm": order is not None})
+        raw = b"".join(parts)
+        sizes = {c: _stream_compress(raw, c) for c in codecs}
+        best = min(sizes, key=lambda c: len(sizes[c]))
+        header["groups"].append({"role": role, "tensors": entries, "codec": best, "nbytes": len(sizes[best]),
+                                 "bytes_by_codec": {c: len(v) for c, v in sizes.items()}})
+        streams.append(sizes[best])
+    perm_blob = compress_blob(b"".join(perms), "brotli", 0) if perms else b""
+    rest = serialize_state({n: t for n, t in tensors.items() if n not in grouped}, meta, "brotli")
+    header["perm_nbytes"], header["rest_nbytes"] = len(perm_blob), len(rest)
+    hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return PGRP_MAGIC + struct.pack("<I", len(hdr)) + hdr + b"".join(streams) + perm_blob + rest
+
+
+def deserialize_pergroup(blob: bytes) -> tuple:
+    blob = bytes(blob)
+    (hlen,) = struct.unpack("<I", blob[4:8])
+    try:
+        header = json.loads(blob[8:8 + hlen].decode("utf-8"))
+        groups = header["groups"]
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"pergroup artifact: unreadable header ({e})") from None
+    pos = 8 + hlen
+    payloads = []
+    for g in groups:
+        payloads.append(blob[pos:pos + g["nbytes"]])
+        pos += g["nbytes"]
+    perm_raw = decompress_blob(blob[pos:pos + header["perm_nbytes"]]) if header["perm_nbytes"] else b""
+    pos += header["perm_nbytes"]
+    tensors, meta = deserialize_state(blob[pos:pos + header["rest_nbytes"]])
+    if pos + header["rest_nbytes"] != len(blob):
+        raise ValueError(f"pergroup artifact: {len(blob)} bytes, the header accounts for {pos + header['rest_nbytes']}")
+    ppos = 0
+    for g, payload in zip(groups, payloads):
+        raw, off = _stream_decompress(payload, g["codec"]), 0
+        for e in g["tensors"]:
+            R, C = e["shape"]
+            q = torch.from_numpy(np.frombuffer(raw, dtype=np.int8, count=R * C, offset=off).copy()).view(C, R).t().contiguous()
+            off += R * C
+            if e["perm"]:
+                width = 4 if R > 65536 else 2
+                order = np.frombuffer(perm_raw, dtype=np.uint32 if width == 4 else np.uint16, count=R, offset=ppos).astype(np.int64)
+                ppos += R * width
+                restored = torch.empty_like(q)
+                restored[torch.from_numpy(order)] = q
+                q = restored
+            tensors[e["name"]] = q
+        if off != len(raw):
+            raise ValueError(f"pergroup artifact: group {g['role']} holds {len(raw)} bytes, its tensors {off}")
+    return tensors, meta
 
 # ----------------------------------------------------------------------------------------------
 # QUANTIZATION OF THIS MODEL: Hessians E[x x^T] from TRAINING batches (inside the budget), the
