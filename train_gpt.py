@@ -679,14 +679,21 @@ def _smoke_text(seed: int, n_docs: int) -> list[str]:
 
 
 def build_smoke_dataset(data_path: str, tokenizer_path: str, vocab_size: int, log=print):
-    """PRESET=smoke with no data: train a tiny SentencePiece model and write train/val shards (no network)."""
+    """PRESET=smoke with no data: train a tiny SentencePiece model and write train/val shards (no network). A complete
+    set (train + val shards + tokenizer) is reused; anything less that already exists is the user's and is never
+    replaced: the run stops with a DataError instead."""
     import sentencepiece as spm
-    data_dir = Path(data_path)
-    if glob.glob(str(data_dir / "fineweb_train_*.bin")) and glob.glob(str(data_dir / "fineweb_val_*.bin")) and Path(tokenizer_path).is_file():
+    data_dir, tok = Path(data_path), Path(tokenizer_path)
+    train, val = (glob.glob(str(data_dir / f"fineweb_{s}_*.bin")) for s in ("train", "val"))
+    if train and val and tok.is_file():
         return
+    present = [Path(p).name for p in train + val] + [p.name for p in (tok, tok.with_suffix(".vocab")) if p.exists()]
+    if present:
+        raise DataError(f"PRESET=smoke: DATA_PATH={data_path} / TOKENIZER_PATH={tokenizer_path} hold {', '.join(sorted(present)[:4])} "
+                        f"but not train shards, val shards and tokenizer together; the smoke builder never overwrites files: "
+                        f"point DATA_PATH and TOKENIZER_PATH at new locations, or add the missing part")
     data_dir.mkdir(parents=True, exist_ok=True)
     train_docs, val_docs = _smoke_text(1, 1500), _smoke_text(2, 120)
-    tok = Path(tokenizer_path)
     tok.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(train_docs), model_prefix=str(tok.with_suffix("")), vocab_size=vocab_size,

@@ -385,3 +385,22 @@ def test_manifests(base, remote, tmp_path, capsys):
     assert fetch(base, tmp_path / "d", "--train-shards", "4") == 1
     assert "has only 3 train shards" in capsys.readouterr().err
     no_parts(tmp_path)
+
+
+def test_smoke_builder_never_overwrites_user_files(tmp_path):
+    """Issue: PRESET=smoke with the user's own DATA_PATH (train shard + tokenizer, no val) replaced both. Now a partial
+    set is refused with a DataError and every file is left byte-for-byte as it was; a complete set is reused."""
+    import train_gpt as tg
+    user = tmp_path / "mine"
+    user.mkdir()
+    tg.write_shard(user / "fineweb_train_000000.bin", np.arange(100) % 50)
+    (user / "tok.model").write_bytes(b"the user's tokenizer")
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    with pytest.raises(tg.DataError, match="never overwrites"):
+        tg.build_smoke_dataset(str(user), str(user / "tok.model"), 512, log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == before
+    fresh = tmp_path / "fresh"
+    tg.build_smoke_dataset(str(fresh), str(fresh / "tok.model"), 512, log=lambda m: None)
+    stamp = {p.name: p.stat().st_mtime_ns for p in fresh.iterdir()}
+    tg.build_smoke_dataset(str(fresh), str(fresh / "tok.model"), 512, log=lambda m: None)  # complete: reused as is
+    assert {p.name: p.stat().st_mtime_ns for p in fresh.iterdir()} == stamp
