@@ -598,18 +598,19 @@ class DistributedLoader:
             self.thread.join(timeout=2)
 
 
-def load_val_tokens(data_path: str, max_tokens: int = 0, full: bool = False) -> np.ndarray:
+def load_val_tokens(data_path: str, max_tokens: int = 0) -> np.ndarray:
     toks = np.concatenate([np.asarray(load_shard(f)) for f in shard_files(data_path, "val")])
-    if max_tokens > 0 and not full:
+    if max_tokens > 0:
         toks = toks[:max_tokens]
     if toks.size < 2:
         raise DataError(f"DATA_PATH={data_path}: validation split has {toks.size} tokens; need at least 2")
     return toks
 
 
-def load_val_byte_sidecar(data_path: str, n_tokens: int, max_tokens: int = 0) -> np.ndarray | None:
+def load_val_byte_sidecar(data_path: str, n_tokens: int) -> np.ndarray | None:
     """Original UTF-8 bytes per val token (fineweb_val_bytes_*.bin, same shard layout as the tokens; written by
-    data/text_to_shards.py --caseops / --byte-sidecar), or None when DATA_PATH has none."""
+    data/text_to_shards.py --caseops / --byte-sidecar), or None when DATA_PATH has none. `n_tokens`: the val
+    shards' full token count, which the sidecar must match."""
     files = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")))
     if not files:
         return None
@@ -617,7 +618,7 @@ def load_val_byte_sidecar(data_path: str, n_tokens: int, max_tokens: int = 0) ->
     if side.size != n_tokens:
         raise DataError(f"DATA_PATH={data_path}: byte sidecar fineweb_val_bytes_*.bin has {side.size} entries but the val shards "
                         f"hold {n_tokens} tokens: they must be written together (data/text_to_shards.py --caseops)")
-    return side[:max_tokens] if max_tokens > 0 else side
+    return side
 
 
 def build_byte_luts(sp, vocab_size: int):
@@ -877,7 +878,10 @@ def _fa4_probe(fn, device) -> str | None:
     ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref_in), is_causal=True, enable_gqa=True).transpose(1, 2)
     ref_grads = torch.autograd.grad(ref, ref_in, go.float())
-    worst = max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip((out, *grads), (ref, *ref_grads)))
+    def worst_error(got, want):  # max relative error over out/dq/dk/dv
+        return max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want))
+
+    worst = worst_error((out, *grads), (ref, *ref_grads))
     if not (math.isfinite(worst) and worst < 0.05):
         return f"differs from SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
     varlen = getattr(fn, "varlen", None)
@@ -895,7 +899,7 @@ def _fa4_probe(fn, device) -> str | None:
     ref_in = [t.detach().float().requires_grad_() for t in flat]
     ref = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in ref_in), attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
     ref_grads = torch.autograd.grad(ref, ref_in, go.reshape(B * T, H, D).float())
-    worst = max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip((out, *grads), (ref, *ref_grads)))
+    worst = worst_error((out, *grads), (ref, *ref_grads))
     return None if math.isfinite(worst) and worst < 0.05 else f"varlen differs from masked SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
 
 
@@ -2512,6 +2516,11 @@ PERGROUP_ROLES = ("tok_emb.weight.q", "attn.c_q.weight.q", "attn.c_k.weight.q", 
 PERGROUP_HOT = ("tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q")
 
 
+def _perm_dtype(rows: int):
+    """Storage of a stored row permutation: uint16 while row indices fit."""
+    return np.uint32 if rows > 65536 else np.uint16
+
+
 def tensor_role(name: str) -> str:
     """'blocks.3.attn.c_q.weight.q' -> 'attn.c_q.weight.q' (the layer index dropped)."""
     return re.sub(r"^blocks\.\d+\.", "", name)
@@ -2582,7 +2591,7 @@ def serialize_pergroup(tensors: dict, meta: dict, codecs: list[str] | None = Non
             order = l1_row_order(q) if role in PERGROUP_HOT and q.size(0) > 2 else None
             if order is not None:
                 q = q[order]
-                perms.append(np.asarray(order, dtype=np.uint32 if q.size(0) > 65536 else np.uint16).tobytes())
+                perms.append(np.asarray(order, dtype=_perm_dtype(q.size(0))).tobytes())
             parts.append(q.t().contiguous().numpy().tobytes())
             entries.append({"name": name, "shape": list(q.shape), "perm": order is not None})
         raw = b"".join(parts)
@@ -2624,9 +2633,9 @@ def deserialize_pergroup(blob: bytes) -> tuple:
             q = torch.from_numpy(np.frombuffer(raw, dtype=np.int8, count=R * C, offset=off).copy()).view(C, R).t().contiguous()
             off += R * C
             if e["perm"]:
-                width = 4 if R > 65536 else 2
-                order = np.frombuffer(perm_raw, dtype=np.uint32 if width == 4 else np.uint16, count=R, offset=ppos).astype(np.int64)
-                ppos += R * width
+                dt = _perm_dtype(R)
+                order = np.frombuffer(perm_raw, dtype=dt, count=R, offset=ppos).astype(np.int64)
+                ppos += R * np.dtype(dt).itemsize
                 restored = torch.empty_like(q)
                 restored[torch.from_numpy(order)] = q
                 q = restored
@@ -3032,8 +3041,9 @@ def load_eval_data(cfg: Config, device):
                             f"use the CaseOps tokenizer (fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model)")
     sidecar = None
     if cfg.val_bytes != "luts":
-        n_full = val.size if cfg.val_max_tokens <= 0 else load_val_tokens(cfg.data_path, full=True).size
-        sidecar = load_val_byte_sidecar(cfg.data_path, n_full, cfg.val_max_tokens)
+        n_full = sum(read_shard_header(f) for f in shard_files(cfg.data_path, "val"))  # headers only: VAL_MAX_TOKENS cut val
+        sidecar = load_val_byte_sidecar(cfg.data_path, n_full)
+        sidecar = sidecar[:val.size] if sidecar is not None else None
         if sidecar is None and (cfg.caseops or cfg.val_bytes == "sidecar"):
             why = "CASEOPS=1" if cfg.caseops else "VAL_BYTES=sidecar"
             raise DataError(f"{why}: DATA_PATH={cfg.data_path} has no byte sidecar fineweb_val_bytes_*.bin (build the val shards with "

@@ -236,16 +236,20 @@ def convert(inputs: list[Path], tokenizer: Path, out_dir: Path, split: str = "tr
     n_doc = 0
     for batch in batches(docs()):
         texts = [caseops.encode(t) for t in batch] if case_ops else batch
-        for text, ids in zip(texts, sp.encode(texts, num_threads=os.cpu_count() or 1)):
-            to = "val" if split == "val" or n_doc < val_docs else "train"
+        dest = ["val" if split == "val" or n_doc + i < val_docs else "train" for i in range(len(texts))]
+        # Val docs with a sidecar get their ids from token_bytes (offsets encode); the rest in one threaded call.
+        plain = iter(sp.encode([t for t, d in zip(texts, dest) if not (sidecar and d == "val")], num_threads=os.cpu_count() or 1))
+        for text, to in zip(texts, dest):
+            if sidecar and to == "val":
+                ids, nbytes = caseops.token_bytes(sp, text)
+                if max(nbytes, default=0) > 0xFFFF:
+                    raise ShardError(f"document {n_doc}: a token stands for {max(nbytes)} bytes, more than the uint16 sidecar holds")
+                writers["val_bytes"].add_doc(np.array([0] + nbytes, dtype=np.uint16))
+            else:
+                ids = next(plain)
             arr = np.empty(len(ids) + 1, dtype=np.uint16)
             arr[0], arr[1:] = bos, ids
             writers[to].add_doc(arr)
-            if to == "val" and sidecar:
-                side_ids, nbytes = caseops.token_bytes(sp, text)
-                if side_ids != list(ids) or max(nbytes, default=0) > 0xFFFF:
-                    raise ShardError(f"document {n_doc}: byte sidecar does not line up with its tokens")
-                writers["val_bytes"].add_doc(np.array([0] + nbytes, dtype=np.uint16))
             n_doc += 1
     for s, w in writers.items():
         w.close()
