@@ -198,18 +198,38 @@ FIELDS: list[Field] = [
     _f("EVAL_SEQ_LEN", int, 2048, "eval context length"),
     _f("EVAL_STRIDE", int, 64, "sliding-window stride (scored tokens per window)"),
     _f("EVAL_BATCH_SEQS", int, 32, "windows per eval forward"),
-    _f("SLIDING_EVAL", bool, True, "sliding-window eval of the roundtrip model", aliases=("SLIDING_WINDOW_ENABLED",)),
+    _f("SLIDING_EVAL", bool, True, "sliding-window eval of the roundtrip model (default: on unless TTT is on; TTT is the final metric then and the sliding pass would spend ~80 s of the eval budget)", aliases=("SLIDING_WINDOW_ENABLED",)),
     _f("MAX_EVAL_SECONDS", float, 600.0, "eval budget; exceeding it fails the run loudly"),
-    _f("TTT_ENABLED", bool, False, "legal score-first LoRA test-time training on the val stream"),
-    _f("TTT_LORA_RANK", int, 8, "TTT LoRA rank"),
-    _f("TTT_LORA_ALPHA", float, 16.0, "LoRA scale alpha/rank"),
-    _f("TTT_LR", float, 1e-3, "TTT AdamW LR", aliases=("TTT_LORA_LR",)),
-    _f("TTT_CHUNK_TOKENS", int, 32768, "val tokens scored per chunk before the LoRA trains on that chunk"),
-    _f("TTT_EPOCHS", int, 1, "passes over each scored chunk"),
-    _f("TTT_TARGETS", str, "q,v,head", "comma list of LoRA targets: q,k,v,o,up,down,head"),
+    # test-time training (score-first, legal: every target is scored before any update that has seen it)
+    _f("TTT_ENABLED", bool, True, "score-first LoRA test-time training on the val set (the final metric when on)"),
+    _f("TTT_MODE", str, "phased", "phased (record #1855: per-document LoRA in batches of documents + global SGD phases on scored prefix documents) | chunked (one LoRA over the val stream, trained on each scored chunk of TTT_CHUNK_TOKENS)", choices=("phased", "chunked")),
+    _f("TTT_LORA_RANK", int, 80, "TTT LoRA rank"),
+    _f("TTT_LORA_ALPHA", float, 144.0, "LoRA output scale = alpha / rank"),
+    _f("TTT_LR", float, 1e-4, "TTT LoRA AdamW LR", aliases=("TTT_LORA_LR",)),
+    _f("TTT_BETA1", float, 0.0, "TTT AdamW beta1"),
+    _f("TTT_BETA2", float, 0.99, "TTT AdamW beta2"),
+    _f("TTT_WEIGHT_DECAY", float, 0.5, "TTT AdamW weight decay"),
+    _f("TTT_TARGETS", str, "q,k,v,o,mlp,head", "LoRA adapters per virtual layer: q,k,v (on the projections), o (block's normalized input -> attention output), mlp (MLP input -> MLP output), proj / up / down (on attn.proj / mlp.fc / mlp.proj), head (on the logits)"),
+    _f("TTT_WARM_START_A", bool, True, "phased: keep each document slot's A across batches (B and the AdamW state reset per batch); A is re-drawn after each global phase"),
+    _f("TTT_DOCS_PER_BATCH", int, 64, "phased: documents adapted together (each with its own LoRA slice)", aliases=("TTT_BATCH_SIZE",)),
+    _f("TTT_CHUNK_SIZE", int, 48, "phased: targets scored per step of a document before its LoRA trains on them"),
+    _f("TTT_EVAL_SEQ_LEN", int, 2048, "phased: causal window (within the document) ending at each chunk"),
+    _f("TTT_GRAD_STEPS", int, 1, "phased: LoRA optimizer steps per scored chunk"),
+    _f("PHASED_TTT_PREFIX_DOCS", int, 2500, "phased: the first N documents (longest first) feed the global SGD phases"),
+    _f("PHASED_TTT_NUM_PHASES", int, 3, "phased: global SGD phases, at prefix*(i+1)/phases scored documents; 0 = LoRA only"),
+    _f("GLOBAL_TTT_LR", float, 1e-3, "phased: SGD LR on all base weights (cosine over the phase's chunks)"),
+    _f("GLOBAL_TTT_MOMENTUM", float, 0.9, "phased: global SGD momentum"),
+    _f("GLOBAL_TTT_EPOCHS", int, 1, "phased: passes over the scored prefix per phase"),
+    _f("GLOBAL_TTT_CHUNK_TOKENS", int, 32768, "phased: tokens per global SGD step (the last chunk is not trained on)"),
+    _f("GLOBAL_TTT_BATCH_SEQS", int, 32, "phased: sequences per forward in the global SGD (per rank)"),
+    _f("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "phased: global SGD grad-norm clip; 0 = off"),
+    _f("TTT_COMPILE", bool, True, "torch.compile the TTT forward (dynamic shapes; CUDA with COMPILE=1 only), warmed up on random tokens outside the eval timer"),
+    _f("TTT_CHUNK_TOKENS", int, 32768, "chunked: val tokens scored per chunk before the LoRA trains on that chunk"),
+    _f("TTT_EPOCHS", int, 1, "chunked: passes over each scored chunk"),
 ]
 
 ALIASES = {a: f.name for f in FIELDS for a in f.aliases}
+TTT_TARGET_NAMES = ("q", "k", "v", "o", "mlp", "proj", "up", "down", "head")
 # Env vars that belong to the launcher / runtime, never warned about.
 _RUNTIME_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "CUDA_VISIBLE_DEVICES"}
@@ -226,7 +246,7 @@ SMOKE_PRESET = dict(
     ITERATIONS=40, MAX_WALLCLOCK_SECONDS=0.0, GPTQ_RESERVE_SECONDS=0.0, WARMUP_STEPS=2, TRAIN_LOG_EVERY=10,
     MUON_MOMENTUM_WARMUP_STEPS=10, EVAL_SEQ_LEN=128, EVAL_STRIDE=32, EVAL_BATCH_SEQS=16, VAL_MAX_TOKENS=8192,
     GPTQ_CALIBRATION_BATCHES=2, COMPILE=False, ROPE_DIMS=8, MATRIX_LR=0.02, TIED_EMBED_LR=0.05,
-    EMBED_BITS=8, GRAD_ACCUM_STEPS=1, GPTQ_BLOCK_SIZE=32,
+    EMBED_BITS=8, GRAD_ACCUM_STEPS=1, GPTQ_BLOCK_SIZE=32, TTT_ENABLED=False,
 )
 
 
@@ -284,6 +304,8 @@ class Config:
                 values[f.name] = f.default
             if f.choices and values[f.name] not in f.choices:
                 raise ConfigError(f"{raw.get(f.name, (0, f.name))[1]}={values[f.name]!r}: expected one of {list(f.choices)}")
+        if "SLIDING_EVAL" not in raw:  # a diagnostic once TTT gives the final metric: keep its time for TTT
+            values["SLIDING_EVAL"] = not values["TTT_ENABLED"]
         if values["CASEOPS"]:  # CaseOps data lives apart from the plain sp8192 shards (data/README.md)
             for name, default in CASEOPS_DEFAULTS.items():
                 if name not in raw:
@@ -411,9 +433,18 @@ class Config:
             need(5 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: expected 5..8")
         need(self.eval_seq_len >= 2 and 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         need(self.eval_batch_seqs >= 1 and self.gptq_calibration_batches >= 1, "EVAL_BATCH_SEQS and GPTQ_CALIBRATION_BATCHES must be >= 1")
-        bad = [t for t in self.ttt_targets.split(",") if t.strip() and t.strip() not in ("q", "k", "v", "o", "up", "down", "head")]
-        need(not bad, f"TTT_TARGETS has unknown targets {bad}: expected q,k,v,o,up,down,head")
-        need(self.ttt_chunk_tokens >= 1 and self.ttt_lora_rank >= 1, "TTT_CHUNK_TOKENS and TTT_LORA_RANK must be >= 1")
+        bad = [t for t in self.ttt_targets.split(",") if t.strip() and t.strip() not in TTT_TARGET_NAMES]
+        need(not bad, f"TTT_TARGETS has unknown targets {bad}: expected a comma list of {','.join(TTT_TARGET_NAMES)}")
+        need(not self.ttt_enabled or any(t.strip() for t in self.ttt_targets.split(",")) or self.ttt_mode == "phased" and self.phased_ttt_num_phases > 0,
+             "TTT_TARGETS is empty: TTT would adapt nothing (set TTT_ENABLED=0, or TTT_MODE=phased with PHASED_TTT_NUM_PHASES > 0 for global SGD only)")
+        for name in ("TTT_CHUNK_TOKENS", "TTT_LORA_RANK", "TTT_DOCS_PER_BATCH", "TTT_CHUNK_SIZE", "TTT_GRAD_STEPS", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "TTT_EPOCHS"):
+            need(getattr(self, name.lower()) >= 1, f"{name}={getattr(self, name.lower())}: expected >= 1")
+        need(self.ttt_eval_seq_len >= self.ttt_chunk_size, f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be >= TTT_CHUNK_SIZE={self.ttt_chunk_size} (a window holds its chunk)")
+        need(self.phased_ttt_num_phases >= 0 and self.phased_ttt_prefix_docs >= 0 and self.global_ttt_epochs >= 0,
+             "PHASED_TTT_NUM_PHASES, PHASED_TTT_PREFIX_DOCS and GLOBAL_TTT_EPOCHS must be >= 0")
+        need(0.0 <= self.ttt_beta1 < 1.0 and 0.0 <= self.ttt_beta2 < 1.0, f"TTT_BETA1={self.ttt_beta1}, TTT_BETA2={self.ttt_beta2}: expected values in [0, 1)")
+        need(min(self.ttt_lr, self.global_ttt_lr, self.ttt_weight_decay, self.global_ttt_momentum, self.global_ttt_grad_clip) >= 0,
+             "TTT_LR, GLOBAL_TTT_LR, TTT_WEIGHT_DECAY, GLOBAL_TTT_MOMENTUM and GLOBAL_TTT_GRAD_CLIP must be >= 0")
 
 
 def unknown_knob_warnings(env: Mapping[str, str]) -> list[str]:
@@ -1059,8 +1090,13 @@ class MLPFusedGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, w2, pre, act = ctx.saved_tensors
-        dpre = ctx.dgrad(dy.contiguous(), w2, pre, ctx.slope)
+        w2 = ctx.saved_tensors[2]
+        # One dtype for every GEMM operand: an eager CUDA run (COMPILE=0) crashed here on a bf16/fp32 mix (H200,
+        # 2026-12-02; this cast is the fix, not yet re-run there: MLP_KERNEL=torch is the safe setting for eager CUDA).
+        cd = w2.dtype
+        x, w1, pre, act = (t.to(cd) for t in ctx.saved_tensors[:2] + ctx.saved_tensors[3:])
+        dy = dy.to(cd).contiguous()
+        dpre = ctx.dgrad(dy, w2, pre, ctx.slope)
         need = ctx.needs_input_grad  # TTT freezes the weights: skip their GEMMs
         return (dpre @ w1 if need[0] else None, dpre.t() @ x if need[1] else None, dy.t() @ act if need[2] else None,
                 None, None, None)
@@ -1083,8 +1119,7 @@ def tie_shared_rows(w: torch.Tensor, heads: int, d: int, shared: int) -> torch.T
 
 
 class CastedLinear(nn.Module):
-    """fp32 master weight, computed in the autocast dtype. `shared` ties head rows (SHD); `lora` is an
-    optional (A, B, scale) delta used by test-time training, so TTT runs the exact training forward."""
+    """fp32 master weight, computed in the autocast dtype. `shared` ties head rows (SHD)."""
 
     def __init__(self, in_f: int, out_f: int, zero_init: bool = False, ortho_init: bool = False):
         super().__init__()
@@ -1096,17 +1131,29 @@ class CastedLinear(nn.Module):
         else:
             nn.init.normal_(self.weight, std=in_f ** -0.5)
         self.shared: tuple[int, int, int] | None = None  # (heads, head_dim, shared_dims)
-        self.lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
     def effective_weight(self) -> torch.Tensor:
         return tie_shared_rows(self.weight, *self.shared) if self.shared else self.weight
 
     def forward(self, x):
-        y = F.linear(x, self.effective_weight().to(x.dtype))
-        if self.lora is not None:
-            a, b, s = self.lora
-            y = y + F.linear(F.linear(x, a.to(y.dtype)), b.to(y.dtype)) * s
-        return y
+        return F.linear(x, self.effective_weight().to(x.dtype))
+
+
+def lora_delta(ctx: dict | None, target: str, x: torch.Tensor) -> torch.Tensor | None:
+    """Test-time-training LoRA term of one adapter (None when absent): scale * (x A^T) B^T for the adapter
+    `target` of the virtual layer ctx["vi"] ("head" has no layer). A [R, r, in], B [R, out, r] with R = 1
+    (one adapter for every row) or R = x.size(0) (one per row: a document each in phased TTT). The adapters
+    ride in ctx, so TTT runs the exact training forward with the deltas added (no mirrored re-implementation)."""
+    lora = ctx.get("lora") if ctx else None
+    ab = lora["w"].get(target if target == "head" else f"{ctx['vi']}.{target}") if lora else None
+    if ab is None:
+        return None
+    a, b = ab
+    return torch.matmul(torch.matmul(x, a.to(x.dtype).transpose(-1, -2)), b.to(x.dtype).transpose(-1, -2)) * lora["scale"]
+
+
+def plus(y: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+    return y if d is None else y + d.to(y.dtype)
 
 
 class Rotary(nn.Module):
@@ -1226,9 +1273,9 @@ class Attention(nn.Module):
     def forward(self, h, x_in, ctx):
         B, T, _ = h.shape
         H, Hkv, D = self.H, self.Hkv, self.D
-        q = self.c_q(h).view(B, T, H, D)
-        k = self.c_k(h).view(B, T, Hkv, D)
-        v = self.c_v(h).view(B, T, Hkv, D)
+        q = plus(self.c_q(h), lora_delta(ctx, "q", h)).view(B, T, H, D)
+        k = plus(self.c_k(h), lora_delta(ctx, "k", h)).view(B, T, Hkv, D)
+        v = plus(self.c_v(h), lora_delta(ctx, "v", h)).view(B, T, Hkv, D)
         if self.has_ve:
             ve = self.ve_table(ctx["ids"]) if self.cfg.ve_dim == 0 else ctx["ve_shared"] * ctx["ve_layer_scales"][self.layer]
             ve = ve.view(B, T, Hkv, D).to(v.dtype)
@@ -1258,7 +1305,9 @@ class Attention(nn.Module):
         elif self.cfg.sparse_attn_gate:
             g = torch.sigmoid(self.cfg.sparse_attn_gate_scale * F.linear(h[..., :self.cfg.gate_width].contiguous(), self.attn_gate_w.to(h.dtype)))
             y = y * g.unsqueeze(-1).to(y.dtype)
-        return self.proj(y.reshape(B, T, H * D))
+        y = y.reshape(B, T, H * D)
+        # TTT adapters: "proj" on the projection's input, "o" (record #1855) from the block's normalized input
+        return plus(plus(self.proj(y), lora_delta(ctx, "proj", y)), lora_delta(ctx, "o", h))
 
 
 class MLP(nn.Module):
@@ -1270,9 +1319,13 @@ class MLP(nn.Module):
         self.slope = cfg.leaky_slope
         self.cfg = cfg
 
-    def forward(self, x):  # one code path for every slope (0 = relu^2)
-        plain = torch.is_grad_enabled() and self.fc.lora is None and self.proj.lora is None  # TTT's LoRA: torch path
-        dgrad = mlp_dgrad_kernel(self.cfg, x.device) if plain else None
+    def forward(self, x, ctx: dict | None = None):  # one code path for every slope (0 = relu^2)
+        lora = ctx.get("lora") if ctx else None
+        if lora and any(f"{ctx['vi']}.{t}" in lora["w"] for t in ("up", "down")):  # TTT adapters inside the MLP: torch path
+            u = plus(self.fc(x), lora_delta(ctx, "up", x))
+            a = F.leaky_relu(u, self.slope).square()
+            return plus(self.proj(a), lora_delta(ctx, "down", a))
+        dgrad = mlp_dgrad_kernel(self.cfg, x.device) if torch.is_grad_enabled() else None
         if dgrad is not None:
             dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
             w1, w2 = (lin.effective_weight().to(dt) for lin in (self.fc, self.proj))
@@ -1295,13 +1348,16 @@ class Block(nn.Module):
     def forward(self, x, x0, ctx):
         x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
         x = x_in + ChannelScale.apply(self.attn(rms_norm(x_in) * self.s_in, x_in, ctx), self.attn_scale * self.s_out)
-        return x + ChannelScale.apply(self.mlp(rms_norm(x) * self.s_in), self.mlp_scale * self.s_out)
+        return x + ChannelScale.apply(self.mlp_out(rms_norm(x) * self.s_in, ctx), self.mlp_scale * self.s_out)
+
+    def mlp_out(self, h, ctx):  # the TTT adapter "mlp" (record #1855) reads the MLP's normalized input
+        return plus(self.mlp(h, ctx), lora_delta(ctx, "mlp", h))
 
     def forward_parallel(self, lane0, lane1, x0, ctx, r, p):
         """Two-lane parallel residual (PR #1204/#1529): attention reads lane0, MLP reads lane1."""
         x_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
         a = ChannelScale.apply(self.attn(rms_norm(x_in) * self.s_in, x_in, ctx), self.attn_scale * self.s_out)
-        m = ChannelScale.apply(self.mlp(rms_norm(lane1) * self.s_in), self.mlp_scale * self.s_out)
+        m = ChannelScale.apply(self.mlp_out(rms_norm(lane1) * self.s_in, ctx), self.mlp_scale * self.s_out)
         return LaneMix.apply(*distinct(lane0, lane1), a, m, r, p)
 
 
@@ -1458,13 +1514,13 @@ class GPT(nn.Module):
             x = torch.where(not_bos, mixed, x) if not_bos is not None else mixed
         return x
 
-    def hidden(self, ids, masks=None):
+    def hidden(self, ids, masks=None, lora: dict | None = None):
         cfg = self.cfg
         if masks is None and cfg.eval_doc_attention_on:  # document masks depend on the batch: build them when not given
             masks = make_masks(cfg, ids, self.bos_id)
         x = self.embed(ids)
         x0 = x
-        ctx: dict = {"ids": ids, "masks": masks}
+        ctx: dict = {"ids": ids, "masks": masks, "lora": lora, "vi": 0}
         if cfg.value_residual:
             ctx["vr_lambdas"] = self.vr_lambdas
         if cfg.ve_layer_ids() and cfg.ve_dim > 0:
@@ -1476,6 +1532,7 @@ class GPT(nn.Module):
         lanes = None
         for vi, li in enumerate(order):
             block = self.blocks[li]
+            ctx["vi"] = vi  # TTT adapters are per virtual layer (a looped block gets one per pass)
             if vi >= n_enc:
                 j = vi - n_enc
                 parallel = cfg.parallel_start_layer > 0 and li >= cfg.parallel_start_layer
@@ -1505,21 +1562,17 @@ class GPT(nn.Module):
             x = (lanes[0] + lanes[1]) * 0.5
         return rms_norm(x)
 
-    def logits_from_hidden(self, h):
+    def logits_from_hidden(self, h, lora: dict | None = None):
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.effective_weight()
-        logits = F.linear(h, w.to(h.dtype))
-        if getattr(self, "head_lora", None) is not None:
-            a, b, s = self.head_lora
-            logits = logits + F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * s
-        logits = logits.float()
+        logits = plus(F.linear(h, w.to(h.dtype)), lora_delta({"lora": lora}, "head", h)).float()
         c = self.cfg.logit_softcap
         return c * torch.tanh(logits / c) if c > 0 else logits
 
-    def forward_logits(self, ids, masks=None):
-        return self.logits_from_hidden(self.hidden(ids, masks))
+    def forward_logits(self, ids, masks=None, lora: dict | None = None):
+        return self.logits_from_hidden(self.hidden(ids, masks, lora), lora)
 
-    def forward(self, ids, targets, masks=None, reduction: str = "mean"):
-        logits = self.forward_logits(ids, masks)
+    def forward(self, ids, targets, masks=None, reduction: str = "mean", lora: dict | None = None):
+        logits = self.forward_logits(ids, masks, lora)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
 
@@ -1551,14 +1604,15 @@ def attention_path(cfg: Config, device) -> tuple[bool, bool]:
 _MASK_CACHE: dict = {}
 
 
-def make_masks(cfg: Config, x: torch.Tensor, bos_id: int, train: bool = False, cu_seqlens: torch.Tensor | None = None):
+def make_masks(cfg: Config, x: torch.Tensor, bos_id: int, train: bool = False, cu_seqlens: torch.Tensor | None = None,
+               doc: bool | None = None):
     """Mask objects for a batch ({} when every layer takes the plain causal fast path). Document attention
-    (DOC_ATTENTION for training, EVAL_DOC_ATTENTION otherwise): {"varlen": (cu_seqlens, max_seqlen)} for a
-    varlen flash kernel, else per-window masks over segment ids; `cu_seqlens` comes from the loader in training
+    (DOC_ATTENTION for training, EVAL_DOC_ATTENTION otherwise, `doc` when given): {"varlen": (cu_seqlens, max_seqlen)}
+    for a varlen flash kernel, else per-window masks over segment ids; `cu_seqlens` comes from the loader in training
     (computed here from x otherwise: a host sync). Window-only masks are static and cached."""
     use_flash, use_flex = attention_path(cfg, x.device)
     mlp_dgrad_kernel(cfg, x.device)  # its first call runs the kernel's check: eagerly, before the compiled step reads it
-    if cfg.doc_attention if train else cfg.eval_doc_attention_on:
+    if doc if doc is not None else cfg.doc_attention if train else cfg.eval_doc_attention_on:
         max_len = min(cfg.train_seq_len if train else x.size(1), x.numel())
         if cu_seqlens is None:
             cu_seqlens = torch.from_numpy(doc_cu_seqlens(x.detach().cpu().numpy(), bos_id, max_len)).to(x.device)
@@ -2751,9 +2805,9 @@ def load_artifact(blob: bytes, device, env_overrides: Mapping[str, str] | None =
     return model.to(device), cfg
 
 
-EVAL_OVERRIDABLE = {"DATA_PATH", "TOKENIZER_PATH", "VAL_MAX_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS",
-                    "SLIDING_EVAL", "MAX_EVAL_SECONDS", "TTT_ENABLED", "TTT_LORA_RANK", "TTT_LORA_ALPHA", "TTT_LR",
-                    "TTT_CHUNK_TOKENS", "TTT_EPOCHS", "TTT_TARGETS", "ATTN_BACKEND", "COMPILE", "RUN_ID", "RUN_DIR", "SEED"}
+EVAL_OVERRIDABLE = {"DATA_PATH", "TOKENIZER_PATH", "VAL_MAX_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS", "EVAL_DOC_ATTENTION",
+                    "SLIDING_EVAL", "MAX_EVAL_SECONDS", "ATTN_BACKEND", "COMPILE", "RUN_ID", "RUN_DIR", "SEED"} | {
+                    f.name for f in FIELDS if f.name.startswith(("TTT_", "PHASED_TTT_", "GLOBAL_TTT_"))}
 
 # ----------------------------------------------------------------------------------------------
 # EVALUATION: val_bpb = sum(NLL nats) / ln2 / sum(bytes). Plain eval is the sliding eval with
@@ -2789,7 +2843,7 @@ class LUTs:
 
 
 @torch.no_grad()
-def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, batch: int, luts: LUTs, device):
+def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, batch: int, luts: LUTs, device, lora: dict | None = None):
     """Sum of NLL (float64), scored targets, bytes over `wins` (this rank's share)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_tok = torch.zeros((), dtype=torch.float64, device=device)
@@ -2805,7 +2859,7 @@ def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, bat
         seq = tokens[idx].to(device, non_blocking=True)
         x, y = seq[:, :-1], seq[:, 1:]
         with autocast_ctx(device):
-            nll = fwd(x, y, make_masks(model.cfg, x, model.bos_id), "none").double()
+            nll = fwd(x, y, make_masks(model.cfg, x, model.bos_id), "none", lora).double()
         m = ar[None, :] >= (L - ns)[:, None]
         loss_sum += (nll * m).sum()
         n_tok += m.sum()
@@ -2834,6 +2888,78 @@ def evaluate(fwd, model: GPT, tokens: torch.Tensor, seq_len: int, stride: int, b
     return loss, loss / math.log(2) * (nt / nb).item(), int(nt.item()), int(nb.item())
 
 
+# ---- test-time training: adapters ----------------------------------------------------------------
+
+def ttt_target_dims(cfg: Config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each TTT adapter target."""
+    dim, hq, hkv, hidden = cfg.model_dim, cfg.n_heads * cfg.d_head, cfg.num_kv_heads * cfg.d_head, int(cfg.mlp_mult * cfg.model_dim)
+    return {"q": (dim, hq), "k": (dim, hkv), "v": (dim, hkv), "o": (dim, dim), "mlp": (dim, dim), "proj": (hq, dim),
+            "up": (dim, hidden), "down": (hidden, dim), "head": (dim, cfg.vocab_size)}
+
+
+class TTTAdapters:
+    """The TTT LoRA adapters, one per (virtual layer, target) plus "head": A [R, r, in] ~ U(+-1/sqrt(in)),
+    B [R, out, r] = 0, so a fresh adapter changes nothing. R = 1 (one adapter for every row: chunked TTT) or one slice
+    per document slot (phased TTT); the slices never mix (AdamW is elementwise, the loss a sum over documents)."""
+
+    def __init__(self, cfg: Config, n_virtual: int, rows: int, device, seed: int):
+        self.scale = cfg.ttt_lora_alpha / cfg.ttt_lora_rank
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        dims, r = ttt_target_dims(cfg), cfg.ttt_lora_rank
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        for t in (t.strip() for t in cfg.ttt_targets.split(",")):
+            for key in (["head"] if t == "head" else [f"{vi}.{t}" for vi in range(n_virtual)]) if t else []:
+                fan_in, fan_out = dims[t]
+                self.a[key] = torch.empty(rows, r, fan_in, device=device, requires_grad=True)
+                self.b[key] = torch.zeros(rows, fan_out, r, device=device, requires_grad=True)
+        self.reset_a()
+
+    def params(self) -> list[torch.Tensor]:
+        return list(self.a.values()) + list(self.b.values())
+
+    @torch.no_grad()
+    def reset_a(self, seed: int | None = None):
+        if seed is not None:
+            self.gen.manual_seed(seed)
+        for a in self.a.values():
+            a.copy_((torch.rand(a.shape, generator=self.gen, device=a.device) * 2 - 1) / math.sqrt(a.size(-1)))
+
+    @torch.no_grad()
+    def reset_b(self):
+        for b in self.b.values():
+            b.zero_()
+
+    def weights(self, rows: torch.Tensor | None = None) -> dict:
+        """The `lora` argument of GPT.forward; `rows` picks document slots (autograd flows back to the slices)."""
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        return {"scale": self.scale, "w": {k: (pick(self.a[k]), pick(self.b[k])) for k in self.a}}
+
+
+def ttt_adamw(cfg: Config, params: list[torch.Tensor], device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.ttt_lr, betas=(cfg.ttt_beta1, cfg.ttt_beta2), eps=1e-10,
+                             weight_decay=cfg.ttt_weight_decay, fused=device.type == "cuda")
+
+
+def freeze_base(model: GPT, frozen: bool):
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+
+
+def all_reduce_grads(params: list[torch.Tensor], world: int):
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if world > 1:
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        o = 0
+        for p in params:
+            p.grad.copy_(flat[o:o + p.numel()].view_as(p))
+            o += p.numel()
+
+# ---- test-time training: chunked (one LoRA over the stream) --------------------------------------
+
 def ttt_chunks(wins, chunk_tokens: int) -> list[list[tuple[int, int]]]:
     chunks, cur, n = [], [], 0
     for w in wins:
@@ -2847,53 +2973,22 @@ def ttt_chunks(wins, chunk_tokens: int) -> list[list[tuple[int, int]]]:
     return chunks
 
 
-def attach_lora(model: GPT, cfg: Config, device, seed: int = 0) -> list[nn.Parameter]:
-    """LoRA deltas on the chosen linears (and head); the forward code path stays the training one."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    r, scale = cfg.ttt_lora_rank, cfg.ttt_lora_alpha / cfg.ttt_lora_rank
-    names = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "up": "mlp.fc", "down": "mlp.proj"}
-    targets = [t.strip() for t in cfg.ttt_targets.split(",") if t.strip()]
-    params = []
-
-    def make(in_f, out_f):
-        a = nn.Parameter(((torch.rand(r, in_f, generator=g) * 2 - 1) / math.sqrt(in_f)).to(device))
-        b = nn.Parameter(torch.zeros(out_f, r, device=device))
-        params.extend([a, b])
-        return (a, b, scale)
-
-    for block in model.blocks:
-        for t in targets:
-            if t in names:
-                lin = block.get_submodule(names[t])
-                lin.lora = make(lin.weight.size(1), lin.weight.size(0))
-    if "head" in targets:
-        model.head_lora = make(cfg.model_dim, cfg.vocab_size)
-    return params
-
-
-def detach_lora(model: GPT):
-    for m in model.modules():
-        if isinstance(m, CastedLinear):
-            m.lora = None
-    model.head_lora = None
-
-
-def eval_ttt(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, device, rank: int, world: int, log: Logger | None = None):
-    """Score-first TTT: for each chunk of windows, first score it (no grad), then train the LoRA on
+def eval_ttt_chunked(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, device, rank: int, world: int, log: Logger | None = None):
+    """TTT_MODE=chunked: for each chunk of sliding windows, first score it (no grad), then train one shared LoRA on
     exactly those already-scored targets. Returns (val_loss, val_bpb, per-chunk (loss_sum, tokens))."""
     L = min(cfg.eval_seq_len, len(tokens) - 1)
     chunks = ttt_chunks(eval_windows(len(tokens), cfg.eval_seq_len, cfg.eval_stride), cfg.ttt_chunk_tokens)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    lora = attach_lora(model, cfg, device, cfg.seed)
-    opt = torch.optim.AdamW(lora, lr=cfg.ttt_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    freeze_base(model, True)
+    adapters = TTTAdapters(cfg, len(layer_order(cfg, model.looping_active)), 1, device, cfg.seed)
+    params = adapters.params()
+    opt = ttt_adamw(cfg, params, device)
     tot = torch.zeros(3, dtype=torch.float64, device=device)
     per_chunk = []
     model.eval()
     try:
         for ci, cw in enumerate(chunks):
             lo, hi = rank * len(cw) // world, (rank + 1) * len(cw) // world
-            s = torch.stack(score_windows(model, model, tokens, cw[lo:hi], cfg.eval_seq_len, cfg.eval_batch_seqs, luts, device))
+            s = torch.stack(score_windows(model, model, tokens, cw[lo:hi], cfg.eval_seq_len, cfg.eval_batch_seqs, luts, device, adapters.weights()))
             if world > 1:
                 dist.all_reduce(s)
             tot += s
@@ -2917,28 +3012,263 @@ def eval_ttt(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, device, 
                 for i in mine:
                     x, y, v = xs[i:i + 1].to(device), ys[i:i + 1].to(device), valid[i:i + 1].to(device)
                     with autocast_ctx(device):
-                        nll = model(x, y, make_masks(cfg, x, model.bos_id), "none")
+                        nll = model(x, y, make_masks(cfg, x, model.bos_id), "none", adapters.weights())
                     ((nll * v).sum() / count).backward()
-                for p in lora:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                if world > 1:
-                    flat = torch.cat([p.grad.reshape(-1) for p in lora])
-                    dist.all_reduce(flat)
-                    o = 0
-                    for p in lora:
-                        p.grad.copy_(flat[o:o + p.numel()].view_as(p))
-                        o += p.numel()
+                all_reduce_grads(params, world)
                 opt.step()
             if log is not None and (ci % 50 == 0):
                 rl = (tot[0] / tot[1]).item()
                 log("ttt_progress", chunk=ci + 1, chunks=len(chunks), running_loss=rl, running_bpb=rl / math.log(2) * (tot[1] / tot[2]).item())
     finally:
-        detach_lora(model)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        freeze_base(model, False)
     loss = (tot[0] / tot[1]).item()
     return loss, loss / math.log(2) * (tot[1] / tot[2]).item(), per_chunk
+
+# ---- test-time training: phased (per-document LoRA + global SGD phases; record #1855) -------------
+# Documents are [BOS_i .. BOS_i+1] (the next BOS is a document's last target), processed longest first in batches of
+# TTT_DOCS_PER_BATCH. Each document's targets are scored in chunks of TTT_CHUNK_SIZE, each chunk from a causal window of
+# at most TTT_EVAL_SEQ_LEN tokens of its own document, and only then does the document's LoRA slice take a step on that
+# chunk. Batch j runs on rank j % WORLD_SIZE in round j // WORLD_SIZE (deterministic; no shared counter). After the round
+# in which the first prefix*(i+1)/phases documents are all scored, every rank runs SGD on all base weights over exactly
+# those documents; later batches are scored with the updated model. No update ever sees a target before it is scored.
+
+def ttt_documents(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
+    """(start, length) of every val document; together they score each target 1..N-1 exactly once."""
+    t = tokens.cpu().numpy()
+    starts = np.flatnonzero(t == bos_id).tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts  # a stream cut by VAL_MAX_TOKENS may start inside a document
+    ends = [b + 1 for b in starts[1:]] + [len(t)]
+    return [(s, e - s) for s, e in zip(starts, ends) if e - s >= 2]
+
+
+def ttt_chunk_window(n_pred: int, c: int, chunk: int, window: int) -> tuple[int, int, int]:
+    """Chunk c of a document with n_pred targets: (window start, window end, first scored target), document-local.
+    Inputs are doc[ws:we], targets doc[ws+1:we+1]; targets [first, we) are scored."""
+    we = min((c + 1) * chunk, n_pred)
+    return max(0, we - window), we, c * chunk
+
+
+def ttt_doc_cost(length: int, chunk: int, window: int) -> int:
+    """Forward tokens spent on a document (each chunk recomputes its window): the progress projection's unit."""
+    n_pred = length - 1
+    return sum(we - ws for ws, we, _ in (ttt_chunk_window(n_pred, c, chunk, window) for c in range(-(-n_pred // chunk))))
+
+
+def ttt_schedule(docs: list[tuple[int, int]], cfg: Config, world: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Batches of document indices (longest first) and the global phases as (after round, prefix documents)."""
+    order = sorted(range(len(docs)), key=lambda i: (-docs[i][1], i))
+    bs = cfg.ttt_docs_per_batch
+    batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+    n_rounds = -(-len(batches) // world)
+    phases, K = [], cfg.phased_ttt_num_phases
+    for k in range(K):
+        boundary = min(len(docs), cfg.phased_ttt_prefix_docs * (k + 1) // K)
+        after = (-(-boundary // bs) - 1) // world
+        if boundary > 0 and after < n_rounds - 1:  # a phase after the last round would help no score
+            phases.append((after, boundary))
+    return batches, phases
+
+
+def ttt_phase_stream(tokens: torch.Tensor, docs: list[tuple[int, int]], bos_id: int) -> torch.Tensor:
+    """The scored prefix documents concatenated for global SGD (each without its trailing BOS: the next one's
+    leading BOS is the same target)."""
+    segs = []
+    for s, n in docs:
+        seg = tokens[s:s + n]
+        segs.append(seg[:-1] if int(seg[-1]) == bos_id else seg)
+    return torch.cat(segs)
+
+
+def ttt_global_sgd(fwd, model: GPT, cfg: Config, stream: torch.Tensor, device, rank: int, world: int) -> dict:
+    """SGD on all base weights over already-scored documents: one step per GLOBAL_TTT_CHUNK_TOKENS (the last chunk
+    is not trained on), cosine LR, rows of TTT_EVAL_SEQ_LEN split over ranks, attention within documents."""
+    W, G = cfg.ttt_eval_seq_len, cfg.global_ttt_chunk_tokens
+    n_in = len(stream) - 1
+    n_chunks = -(-n_in // G)
+    n_train = max(0, n_chunks - 1)
+    params = [p for p in model.parameters()]
+    freeze_base(model, False)
+    opt = torch.optim.SGD(params, lr=cfg.global_ttt_lr, momentum=cfg.global_ttt_momentum)
+    steps, loss_sum, tok_sum = 0, 0.0, 0
+    try:
+        for _ in range(cfg.global_ttt_epochs):
+            for k in range(n_train):
+                for g in opt.param_groups:
+                    g["lr"] = cfg.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * k / n_train))
+                c0, c1 = k * G, min((k + 1) * G, n_in)
+                rows = [(st, min(W, c1 - st)) for st in range(c0, c1, W)]
+                mine = rows[rank::world]
+                opt.zero_grad(set_to_none=True)
+                for i in range(0, len(mine), cfg.global_ttt_batch_seqs):
+                    part = mine[i:i + cfg.global_ttt_batch_seqs]
+                    x = torch.zeros(len(part), W, dtype=torch.long)
+                    y = torch.zeros(len(part), W, dtype=torch.long)
+                    for r, (st, n) in enumerate(part):
+                        x[r, :n], y[r, :n] = stream[st:st + n], stream[st + 1:st + n + 1]
+                    valid = (torch.arange(W)[None, :] < torch.tensor([n for _, n in part])[:, None]).to(device)
+                    x, y = x.to(device), y.to(device)
+                    with autocast_ctx(device):
+                        nll = fwd(x, y, make_masks(cfg, x, model.bos_id, doc=True), "none", None)
+                    loss = (nll * valid).sum() / (c1 - c0)
+                    loss.backward()
+                    loss_sum += loss.item() * (c1 - c0)
+                    tok_sum += int(valid.sum().item())
+                all_reduce_grads(params, world)
+                if cfg.global_ttt_grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.global_ttt_grad_clip)
+                opt.step()
+                steps += 1
+    finally:
+        opt.zero_grad(set_to_none=True)
+        freeze_base(model, True)
+    return dict(steps=steps, tokens=n_in, train_loss=loss_sum / max(tok_sum, 1))
+
+
+def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens: torch.Tensor, docs: list[tuple[int, int]],
+                    luts: LUTs, device, acc: torch.Tensor, nll_out: torch.Tensor | None):
+    """One batch of documents: per chunk step, one forward scores every active document's chunk (added to `acc`:
+    loss, tokens, bytes) and then trains each document's LoRA slice on it (not on a document's last chunk)."""
+    C, W = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
+    n_pred = [n - 1 for _, n in docs]
+    n_chunks = [-(-p // C) for p in n_pred]
+    adapters.reset_b()
+    opt = ttt_adamw(cfg, adapters.params(), device) if adapters.a else None
+    for c in range(max(n_chunks)):
+        active = [i for i in range(len(docs)) if c < n_chunks[i]]
+        wins = [ttt_chunk_window(n_pred[i], c, C, W) for i in active]
+        T = -(-max(we - ws for ws, we, _ in wins) // 64) * 64  # few distinct shapes for the compiled forward
+        x = torch.zeros(len(active), T, dtype=torch.long)
+        y = torch.zeros(len(active), T, dtype=torch.long)
+        pos = torch.zeros(len(active), T, dtype=torch.long)
+        lo, hi = torch.zeros(len(active), dtype=torch.long), torch.zeros(len(active), dtype=torch.long)
+        for r, (i, (ws, we, first)) in enumerate(zip(active, wins)):
+            s0 = docs[i][0]
+            x[r, :we - ws] = tokens[s0 + ws:s0 + we]
+            y[r, :we - ws] = tokens[s0 + ws + 1:s0 + we + 1]
+            pos[r, :we - ws] = torch.arange(s0 + ws + 1, s0 + we + 1)
+            lo[r], hi[r] = first - ws, we - ws
+        x, y, pos = x.to(device), y.to(device), pos.to(device)
+        ar = torch.arange(T, device=device)[None, :]
+        scored = (ar >= lo.to(device)[:, None]) & (ar < hi.to(device)[:, None])
+        train = torch.tensor([c < n_chunks[i] - 1 for i in active], device=device)
+        rows = torch.tensor(active, device=device)
+        masks = make_masks(cfg, x, model.bos_id, doc=False)  # one document per row, right-padded: plain causal is exact
+        learn = opt is not None and bool(train.any())
+        for step in range(cfg.ttt_grad_steps if learn else 1):
+            with torch.set_grad_enabled(learn), autocast_ctx(device):
+                nll = fwd(x, y, masks, "none", adapters.weights(rows) if adapters.a else None)
+            if step == 0:  # the score: this forward has seen no update from this chunk
+                m = scored.double()
+                nd = nll.detach().double()
+                acc += torch.stack([(nd * m).sum(), m.sum(), (luts.bytes(x, y, pos) * m).sum()])
+                if nll_out is not None:
+                    nll_out[pos[scored]] = nd[scored].to(nll_out.dtype)
+            if learn:
+                per_doc = (nll * scored).sum(1) / scored.sum(1).clamp_min(1)
+                (per_doc * train).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+
+def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, device, rank: int, world: int,
+                    log: Logger | None = None, fwd=None, keep_nll: bool = False, budget_s: float = 0.0) -> dict:
+    """TTT_MODE=phased. Returns val_loss, val_bpb, documents, batches, phase stats (and the per-target NLL with keep_nll)."""
+    t_start = time.perf_counter()
+    fwd = fwd or model
+    tokens = tokens.cpu()
+    docs = ttt_documents(tokens, model.bos_id)
+    batches, phases = ttt_schedule(docs, cfg, world)
+    n_rounds = -(-len(batches) // world)
+    C, W = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
+    cost = [sum(ttt_doc_cost(docs[i][1], C, W) for i in b) for b in batches]
+    total_cost = sum(cost)
+    acc = torch.zeros(3, dtype=torch.float64, device=device)
+    nll_out = torch.full((len(tokens),), float("nan"), dtype=torch.float64, device=device) if keep_nll else None
+    n_virtual = len(layer_order(cfg, model.looping_active))
+    adapters = TTTAdapters(cfg, n_virtual, cfg.ttt_docs_per_batch, device, cfg.seed + 1000 * rank)
+    log_every = max(1, n_rounds // 20)
+    phase_stats, warned = [], False
+    model.eval()
+    freeze_base(model, True)
+    try:
+        for rnd in range(n_rounds):
+            j = rnd * world + rank
+            if j < len(batches):
+                if not cfg.ttt_warm_start_a:  # A drawn per batch index: the result does not depend on WORLD_SIZE
+                    adapters.reset_a(cfg.seed * 1_000_003 + j)
+                ttt_score_batch(fwd, model, cfg, adapters, tokens, [docs[i] for i in batches[j]], luts, device, acc, nll_out)
+            if rnd % log_every == log_every - 1 or rnd == n_rounds - 1:  # the same rounds on every rank (a collective)
+                done = acc.clone()
+                if world > 1:
+                    dist.all_reduce(done)
+                n_b = min(len(batches), (rnd + 1) * world)
+                elapsed = time.perf_counter() - t_start
+                projected = elapsed * total_cost / max(sum(cost[:n_b]), 1)
+                if log is not None:
+                    rl = (done[0] / done[1]).item()
+                    log("ttt_progress", round=rnd + 1, rounds=n_rounds, docs_done=sum(len(b) for b in batches[:n_b]), docs=len(docs),
+                        running_loss=rl, running_bpb=rl / math.log(2) * (done[1] / done[2]).item(), elapsed_s=elapsed, projected_s=projected)
+                    if budget_s > 0 and projected > budget_s and not warned:
+                        warned = True
+                        log("warning", msg=f"ttt_projected_{projected:.0f}s_exceeds_MAX_EVAL_SECONDS={budget_s:.0f};_lower_PHASED_TTT_PREFIX_DOCS,"
+                            f"_raise_TTT_CHUNK_SIZE_or_TTT_DOCS_PER_BATCH")
+            for after, boundary in phases:
+                if after == rnd:
+                    t0 = time.perf_counter()
+                    picked = sorted(range(len(docs)), key=lambda i: (-docs[i][1], i))[:boundary]
+                    st = ttt_global_sgd(fwd, model, cfg, ttt_phase_stream(tokens, [docs[i] for i in picked], model.bos_id), device, rank, world)
+                    adapters = TTTAdapters(cfg, n_virtual, cfg.ttt_docs_per_batch, device, cfg.seed + 1000 * rank + 17 * (len(phase_stats) + 1))
+                    st.update(phase=len(phase_stats) + 1, after_round=rnd + 1, docs=boundary, seconds=time.perf_counter() - t0)
+                    phase_stats.append(st)
+                    if log is not None:
+                        log("ttt_phase", **st)
+    finally:
+        freeze_base(model, False)
+    if world > 1:
+        dist.all_reduce(acc)
+        if nll_out is not None:
+            nll_out = torch.nan_to_num(nll_out, nan=0.0)
+            dist.all_reduce(nll_out)
+    loss = (acc[0] / acc[1]).item()
+    out = dict(val_loss=loss, val_bpb=loss / math.log(2) * (acc[1] / acc[2]).item(), tokens=int(acc[1].item()), bytes=int(acc[2].item()),
+               docs=len(docs), batches=len(batches), phases=phase_stats, seconds=time.perf_counter() - t_start)
+    if keep_nll:
+        out["nll"] = nll_out.cpu()
+    return out
+
+
+def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
+    """Compile warmup of the TTT forward on RANDOM tokens (never validation data), outside the eval timer: the LoRA
+    step at a short and a full window, one document alone, and a global-SGD forward/backward (weights untouched)."""
+    t0 = time.perf_counter()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n_virtual = len(layer_order(cfg, model.looping_active))
+    adapters = TTTAdapters(cfg, n_virtual, cfg.ttt_docs_per_batch, device, 0)
+    opt = ttt_adamw(cfg, adapters.params(), device) if adapters.a else None
+    W, R = cfg.ttt_eval_seq_len, cfg.ttt_docs_per_batch
+    freeze_base(model, True)
+    try:
+        for rows, T, learn in ((R, 64, True), (R, W, True), (1, 64, True), (R, 64, False), (1, 64, False)):
+            x = torch.randint(0, cfg.vocab_size, (rows, T + 1), generator=g).to(device)
+            with torch.set_grad_enabled(learn and opt is not None), autocast_ctx(device):
+                nll = fwd(x[:, :-1], x[:, 1:], make_masks(cfg, x[:, :-1], model.bos_id, doc=False), "none",
+                          adapters.weights(torch.arange(rows, device=device)) if adapters.a else None)
+            if learn and opt is not None:
+                nll.mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        if cfg.ttt_mode == "phased" and cfg.phased_ttt_num_phases > 0:
+            freeze_base(model, False)
+            x = torch.randint(0, cfg.vocab_size, (min(cfg.global_ttt_batch_seqs, max(1, cfg.global_ttt_chunk_tokens // W)), W + 1), generator=g).to(device)
+            with autocast_ctx(device):
+                fwd(x[:, :-1], x[:, 1:], make_masks(cfg, x[:, :-1], model.bos_id, doc=True), "none", None).mean().backward()
+            model.zero_grad(set_to_none=True)
+    finally:
+        freeze_base(model, False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 # ----------------------------------------------------------------------------------------------
 # MAIN: setup -> data -> model -> warmup + train -> EMA -> Hessians -> pre-quant eval -> GPTQ ->
@@ -3005,6 +3335,12 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     L = min(cfg.eval_seq_len, len(val) - 1)
     warm_s = warm_compiled(fwd if use_compile else None, cfg, device, cfg.vocab_size, cfg.eval_batch_seqs)
+    ttt_fwd = None
+    if cfg.ttt_enabled and cfg.ttt_mode == "phased":  # the phased forward sees a new window length every chunk step
+        ttt_fwd = torch.compile(model, dynamic=True) if use_compile and cfg.ttt_compile else model
+        ttt_warm_s = warm_ttt(ttt_fwd, model, cfg, device)
+        log("ttt_warmup", seconds=ttt_warm_s, compiled=ttt_fwd is not model, note="random_tokens_no_val_data_outside_the_eval_timer")
+        warm_s += ttt_warm_s
     out: dict[str, Any] = {"eval_warmup_seconds": warm_s}
     t0 = time.perf_counter()
     rl, rb, nt, nb = evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world)
@@ -3021,9 +3357,15 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
         out.update(sliding_val_loss=sl, sliding_val_bpb=sb, sliding_seconds=t2 - t1, final_val_loss=sl, final_val_bpb=sb, final_metric="sliding")
     if cfg.ttt_enabled:
         t3 = time.perf_counter()
-        tl, tb, _ = eval_ttt(model, val, cfg, luts, device, rank, world, log)
-        log("ttt", val_loss=tl, val_bpb=tb, eval_s=time.perf_counter() - t3)
-        out.update(ttt_val_loss=tl, ttt_val_bpb=tb, final_val_loss=tl, final_val_bpb=tb, final_metric="ttt")
+        if cfg.ttt_mode == "phased":
+            r = eval_ttt_phased(model, val, cfg, luts, device, rank, world, log, ttt_fwd, budget_s=cfg.max_eval_seconds - (t3 - t0) - t_load)
+            tl, tb = r["val_loss"], r["val_bpb"]
+            assert r["tokens"] == nt, "phased TTT must score exactly the targets of the plain eval"
+            out.update(ttt_docs=r["docs"], ttt_phases=r["phases"])
+        else:
+            tl, tb, _ = eval_ttt_chunked(model, val, cfg, luts, device, rank, world, log)
+        log("ttt", mode=cfg.ttt_mode, val_loss=tl, val_bpb=tb, eval_s=time.perf_counter() - t3)
+        out.update(ttt_val_loss=tl, ttt_val_bpb=tb, ttt_seconds=time.perf_counter() - t3, final_val_loss=tl, final_val_bpb=tb, final_metric="ttt")
     out["eval_seconds"] = t_load + time.perf_counter() - t0
     log("final", val_loss=out["final_val_loss"], val_bpb=out["final_val_bpb"], metric=out["final_metric"], eval_s=out["eval_seconds"])
     return out

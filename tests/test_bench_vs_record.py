@@ -130,11 +130,14 @@ def test_record_hparams_env_and_alignment(script, log):
     same = {d["name"] for d in al["same"]}
     differ = {d["name"]: d for d in al["differ"]}
     assert {"NUM_LAYERS", "MODEL_DIM", "MATRIX_LR", "EMA_DECAY", "SMEAR_GATE_ENABLED"} <= same
-    assert "PHASED_TTT_NUM_PHASES" in {d["name"] for d in al["record_only"]}  # phased TTT is not in ours yet
+    ttt = {"PHASED_TTT_NUM_PHASES", "TTT_LORA_RANK", "TTT_BETA2", "TTT_WEIGHT_DECAY", "PHASED_TTT_PREFIX_DOCS", "TTT_CHUNK_SIZE",
+           "TTT_BATCH_SIZE", "GLOBAL_TTT_LR", "GLOBAL_TTT_CHUNK_TOKENS"}  # phased TTT: the records' names read as ours
     if script == "pr1868_train_gpt.py":  # #1868 trained with AdamW beta2 0.95 and warmdown 0.75; our defaults are #1855's
         assert differ["BETA2"]["record"] == "0.95" and "WARMDOWN_FRAC" in differ
+        assert differ["TTT_LORA_RANK"]["record"] == "96" and differ["PHASED_TTT_PREFIX_DOCS"]["record"] == "2000"
     else:
         assert "BETA2" in same and "WARMDOWN_FRAC" in same
+        assert ttt <= same and not any("TTT" in d for d in differ)
 
 
 def test_log_parsers_and_interval_speeds():

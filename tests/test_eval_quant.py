@@ -75,16 +75,17 @@ def test_quantized_values_on_grid(trained):
 def test_ttt_is_score_first(trained):
     """The score of chunk k never depends on tokens after chunk k."""
     cfg, model, H, luts, val = trained
-    c = cfg.replace(TTT_ENABLED=True, TTT_CHUNK_TOKENS=512, EVAL_STRIDE=64, TTT_LR=0.01)
+    c = cfg.replace(TTT_ENABLED=True, TTT_MODE="chunked", TTT_CHUNK_TOKENS=512, EVAL_STRIDE=64, TTT_LR=0.01,
+                    TTT_LORA_RANK=8, TTT_LORA_ALPHA=16, TTT_TARGETS="q,v,head", TTT_BETA1=0.9, TTT_WEIGHT_DECAY=0.0)
     q = tg.GPT(c)
     q.load_state_dict(model.state_dict())
-    _, _, chunks_a = tg.eval_ttt(q, val[:2048], c, luts, torch.device("cpu"), 0, 1)
+    _, _, chunks_a = tg.eval_ttt_chunked(q, val[:2048], c, luts, torch.device("cpu"), 0, 1)
     val_b = val[:2048].clone()
     cut = 1200  # tokens after this position change
     val_b[cut:] = (val_b[cut:] + 11) % c.vocab_size
     q2 = tg.GPT(c)
     q2.load_state_dict(model.state_dict())
-    _, _, chunks_b = tg.eval_ttt(q2, val_b, c, luts, torch.device("cpu"), 0, 1)
+    _, _, chunks_b = tg.eval_ttt_chunked(q2, val_b, c, luts, torch.device("cpu"), 0, 1)
     wins = tg.ttt_chunks(tg.eval_windows(2048, c.eval_seq_len, c.eval_stride), c.ttt_chunk_tokens)
     for k, cw in enumerate(wins):
         last_target = cw[-1][0] + min(c.eval_seq_len, 2047)

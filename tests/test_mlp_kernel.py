@@ -131,8 +131,8 @@ def test_mlp_kernel_policy(monkeypatch):
     mlp = tg.MLP(tiny_cfg())  # TTT's LoRA on the MLP: the op is not asked for
     monkeypatch.setattr(tg, "mlp_dgrad_kernel", lambda cfg, device: pytest.fail("asked for the op"))
     x = torch.randn(2, 4, 32)
-    mlp.fc.lora = (torch.zeros(2, 32), torch.zeros(128, 2), 1.0)
-    assert mlp(x).shape == x.shape
+    ctx = {"vi": 0, "lora": {"scale": 1.0, "w": {"0.up": (torch.zeros(1, 2, 32), torch.zeros(1, 128, 2))}}}
+    assert mlp(x, ctx).shape == x.shape
 
 
 def test_mlp_kernel_config_errors(monkeypatch):

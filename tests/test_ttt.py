@@ -1,0 +1,222 @@
+"""Phased per-document LoRA TTT (TTT_MODE=phased, record #1855): every target scored exactly once, before any update
+that saw it; documents isolated from each other (within a batch and across the schedule); the global SGD phases train
+only on scored documents; WORLD_SIZE does not change the result; config defaults = the record; end to end."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from test_core import ROOT, events, run_train
+
+CPU = torch.device("cpu")
+SMALL = dict(TTT_ENABLED="1", TTT_LORA_RANK="4", TTT_DOCS_PER_BATCH="4", TTT_CHUNK_SIZE="16", TTT_EVAL_SEQ_LEN="64",
+             PHASED_TTT_PREFIX_DOCS="8", PHASED_TTT_NUM_PHASES="2", GLOBAL_TTT_CHUNK_TOKENS="256", GLOBAL_TTT_BATCH_SEQS="4",
+             TTT_LR="0.001", GLOBAL_TTT_LR="0.01")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A smoke-shaped model (looping on: adapters per virtual layer) trained a few steps, the val tokens and LUTs."""
+    d = tmp_path_factory.mktemp("ttt") / "data"
+    cfg = tg.Config.from_env(dict(PRESET="smoke", COMPILE="0", DATA_PATH=str(d), TOKENIZER_PATH=str(d / "sp.model"), **SMALL))
+    tg.build_smoke_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, log=lambda m: None)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    model.looping_active = True
+    opts = tg.Optimizers(model, cfg)
+    loader = tg.DistributedLoader(tg.shard_files(cfg.data_path, "train"), 0, 1, cfg.train_batch_tokens, cfg.train_seq_len, CPU, prefetch=0)
+    for step in range(15):
+        x, y, _ = loader.next()
+        model(x, y).backward()
+        opts.step(1.0, step)
+        opts.zero_grad()
+    _, luts = tg.load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
+    val = torch.from_numpy(tg.load_val_tokens(cfg.data_path, 3000).astype(np.int64))
+    return cfg, model.state_dict(), tg.LUTs(luts, CPU), val
+
+
+def run_phased(setup, tokens=None, **over):
+    cfg, sd, luts, val = setup
+    c = cfg.replace(**over)
+    model = tg.GPT(c)
+    model.load_state_dict(sd)
+    model.looping_active = True
+    return tg.eval_ttt_phased(model, val if tokens is None else tokens, c, luts, CPU, 0, 1, keep_nll=True), model
+
+
+def test_documents_cover_every_target_once():
+    bos = 1
+    toks = torch.tensor([5, 6, 1, 7, 8, 9, 1, 1, 4, 1])  # starts inside a document; an empty document; ends on a BOS
+    docs = tg.ttt_documents(toks, bos)
+    assert docs == [(0, 3), (2, 5), (6, 2), (7, 3)]
+    covered = [t for s, n in docs for t in range(s + 1, s + n)]
+    assert covered == list(range(1, len(toks)))
+    # chunk windows: the chunks tile the targets, every window ends at its chunk and holds at most W tokens
+    for n_pred in (1, 15, 16, 17, 100):
+        got = []
+        for c in range(-(-n_pred // 16)):
+            ws, we, first = tg.ttt_chunk_window(n_pred, c, 16, 40)
+            assert 0 <= ws <= first < we <= n_pred and we - ws <= 40
+            got += list(range(first, we))
+        assert got == list(range(n_pred))
+
+
+def test_no_updates_equal_isolated_documents(setup):
+    """With both learning rates 0, phased TTT scores each document alone: the same NLL as a direct forward over the
+    document's own window ending at each chunk (no other document in the context)."""
+    cfg, sd, luts, val = setup
+    r, model = run_phased(setup, TTT_LR=0.0, GLOBAL_TTT_LR=0.0)
+    assert r["tokens"] == len(val) - 1 and not torch.isnan(r["nll"][1:]).any()
+    W, C = cfg.ttt_eval_seq_len, cfg.ttt_chunk_size
+    ref = torch.empty(len(val), dtype=torch.float64)
+    long_docs = 0
+    with torch.no_grad():
+        for s, n in tg.ttt_documents(val, model.bos_id):
+            long_docs += n - 1 > W
+            for c in range(-(-(n - 1) // C)):
+                ws, we, first = tg.ttt_chunk_window(n - 1, c, C, W)
+                nll = model(val[s + ws:s + we][None], val[s + ws + 1:s + we + 1][None], {}, "none")[0].double()
+                ref[s + first + 1:s + we + 1] = nll[first - ws:]
+    assert long_docs > 0, "the fixture must hold documents longer than the window"
+    assert torch.allclose(r["nll"][1:], ref[1:], rtol=1e-5, atol=1e-5)
+    loss = ref[1:].mean().item()
+    assert r["val_loss"] == pytest.approx(loss, rel=1e-6)
+    assert r["phases"] and all(p["steps"] >= 1 for p in r["phases"])
+
+
+def test_score_first_and_documents_isolated(setup):
+    """LoRA learning on, no global phases: changing one token of a document changes no score of its own document
+    before that token and none of its batch-mates' or earlier batches'; with TTT_WARM_START_A=0 none of any other
+    document either (warm A is the one legal carry-over: a later batch's slot starts from the trained A)."""
+    cfg, sd, luts, val = setup
+    docs = tg.ttt_documents(val, 1)
+    batches, _ = tg.ttt_schedule(docs, cfg.replace(PHASED_TTT_NUM_PHASES=0), 1)
+    d = max(range(len(docs)), key=lambda i: docs[i][1])  # the longest document: many chunks, several windows
+    s, n = docs[d]
+    p = s + n // 2
+    val_b = val.clone()
+    val_b[p] = (val_b[p] + 7) % cfg.vocab_size if val_b[p] != 1 else 3
+    later = [i for b in batches[next(k for k, b in enumerate(batches) if d in b) + 1:] for i in b]
+    for warm in (True, False):
+        a, _ = run_phased(setup, PHASED_TTT_NUM_PHASES=0, TTT_WARM_START_A=warm)
+        b, _ = run_phased(setup, tokens=val_b, PHASED_TTT_NUM_PHASES=0, TTT_WARM_START_A=warm)
+        same = torch.ones(len(val), dtype=torch.bool)
+        same[p:s + n] = False
+        same[0] = False
+        if warm:
+            for i in later:
+                same[docs[i][0] + 1:docs[i][0] + docs[i][1]] = False
+        assert torch.allclose(a["nll"][same], b["nll"][same], rtol=0, atol=1e-6), "a score moved that cannot have seen the change"
+        assert not torch.allclose(a["nll"][p + cfg.ttt_chunk_size:s + n], b["nll"][p + cfg.ttt_chunk_size:s + n], atol=1e-6)
+    # learning happened: scores differ from the no-update run
+    z, _ = run_phased(setup, PHASED_TTT_NUM_PHASES=0, TTT_LR=0.0)
+    assert a["val_loss"] != z["val_loss"]
+
+
+def test_global_phases_train_only_on_scored_documents(setup):
+    """With phases: the document scored last (shortest, last batch) reaches no other score; a prefix document (the
+    longest, first batch) reaches the scores of batches after the first phase but none of its own batch-mates'."""
+    cfg, sd, luts, val = setup
+    a, _ = run_phased(setup, TTT_WARM_START_A=False)
+    docs = tg.ttt_documents(val, 1)
+    batches, phases = tg.ttt_schedule(docs, cfg, 1)
+    assert [b for _, b in phases] == [4, 8] and phases[0][0] == 0
+
+    def changed(doc_index):
+        s, n = docs[doc_index]
+        v = val.clone()
+        v[s + 1] = (v[s + 1] + 5) % cfg.vocab_size if v[s + 1] != 1 else 3
+        b, _ = run_phased(setup, tokens=v, TTT_WARM_START_A=False)
+        diff = ~torch.isclose(a["nll"], b["nll"], rtol=0, atol=1e-6)
+        diff[0] = False
+        return {i for i, (s2, n2) in enumerate(docs) if diff[s2 + 1:s2 + n2].any()}
+
+    last = batches[-1][-1]
+    assert changed(last) == {last}
+    first = batches[0][0]
+    hit = changed(first)
+    assert first in hit and not (hit & set(batches[0][1:])), "a batch-mate saw the change"
+    assert hit & set(sum(batches[1:], [])), "the global phase after batch 0 did not reach later documents"
+
+
+def test_adapters_start_as_identity_and_rows_are_independent(setup):
+    cfg, sd, luts, val = setup
+    c = cfg.replace(TTT_TARGETS="q,k,v,o,mlp,proj,up,down,head")
+    model = tg.GPT(c)
+    model.load_state_dict(sd)
+    model.looping_active = True
+    ad = tg.TTTAdapters(c, len(tg.layer_order(c, True)), 3, CPU, 0)
+    assert len(ad.a) == 8 * len(tg.layer_order(c, True)) + 1
+    x = val[:3 * 33].view(3, 33)
+    with torch.no_grad():
+        base = model(x[:, :-1], x[:, 1:], {}, "none")
+        assert torch.equal(model(x[:, :-1], x[:, 1:], {}, "none", ad.weights()), base)  # B = 0: exactly the base model
+        for b in ad.b.values():
+            b[1].normal_(0, 0.5)  # only document slot 1 moves
+        moved = model(x[:, :-1], x[:, 1:], {}, "none", ad.weights())
+    assert torch.equal(moved[[0, 2]], base[[0, 2]]) and not torch.allclose(moved[1], base[1])
+    with pytest.raises(tg.ConfigError, match="TTT_TARGETS has unknown targets"):
+        cfg.replace(TTT_TARGETS="q,attn")
+
+
+def test_config_defaults_are_record_1855():
+    c = tg.Config.from_env({})
+    assert (c.ttt_enabled, c.ttt_mode, c.ttt_lora_rank, c.ttt_lora_alpha, c.ttt_lr, c.ttt_beta1, c.ttt_beta2, c.ttt_weight_decay) == \
+        (True, "phased", 80, 144.0, 1e-4, 0.0, 0.99, 0.5)
+    assert (c.ttt_docs_per_batch, c.ttt_chunk_size, c.ttt_eval_seq_len, c.phased_ttt_prefix_docs, c.phased_ttt_num_phases) == (64, 48, 2048, 2500, 3)
+    assert (c.global_ttt_lr, c.global_ttt_momentum, c.global_ttt_chunk_tokens, c.global_ttt_batch_seqs, c.global_ttt_grad_clip) == (1e-3, 0.9, 32768, 32, 1.0)
+    assert c.ttt_targets == "q,k,v,o,mlp,head" and c.ttt_warm_start_a
+    assert not c.sliding_eval, "with TTT as the final metric the sliding pass is off unless asked for"
+    assert tg.Config.from_env({"TTT_ENABLED": "0"}).sliding_eval and tg.Config.from_env({"SLIDING_EVAL": "1"}).sliding_eval
+    assert not tg.Config.from_env({"PRESET": "smoke"}).ttt_enabled
+    assert tg.Config.from_env({"TTT_BATCH_SIZE": "32", "TTT_LORA_LR": "2e-4"}).ttt_docs_per_batch == 32  # the records' names
+    for bad, msg in (({"TTT_MODE": "slot"}, "TTT_MODE"), ({"TTT_CHUNK_SIZE": "0"}, "TTT_CHUNK_SIZE=0"),
+                     ({"TTT_EVAL_SEQ_LEN": "32", "TTT_CHUNK_SIZE": "48"}, "TTT_EVAL_SEQ_LEN=32"), ({"TTT_BETA2": "1.0"}, "TTT_BETA2"),
+                     ({"TTT_TARGETS": "", "PHASED_TTT_NUM_PHASES": "0"}, "TTT_TARGETS is empty")):
+        with pytest.raises(tg.ConfigError, match=msg):
+            tg.Config.from_env(bad)
+    assert {"TTT_MODE", "PHASED_TTT_PREFIX_DOCS", "GLOBAL_TTT_LR", "TTT_DOCS_PER_BATCH"} <= tg.EVAL_OVERRIDABLE
+
+
+def test_end_to_end_phased_and_world_size(tmp_path):
+    """train_gpt.py trains the smoke model; --eval-only runs phased TTT on 1 and on 2 processes (gloo) to the same
+    score (A drawn per batch, phase boundary on a round boundary), and chunked TTT; progress and phase lines appear."""
+    r = run_train(tmp_path, dict(PRESET="smoke", RUN_ID="base", VAL_MAX_TOKENS="3000"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    art = str(tmp_path / "runs" / "base" / "final_model.ptz")
+    ev = dict(PRESET="smoke", SLIDING_EVAL="0", VAL_MAX_TOKENS="3000", **dict(SMALL, TTT_WARM_START_A="0", PHASED_TTT_NUM_PHASES="1"))
+    one = run_train(tmp_path, dict(ev, RUN_ID="one"), args=("--eval-only", art))
+    two = run_train(tmp_path, dict(ev, RUN_ID="two"), nproc=2, args=("--eval-only", art))
+    chunked = run_train(tmp_path, dict(ev, RUN_ID="chunked", TTT_MODE="chunked", TTT_CHUNK_TOKENS="512", EVAL_SEQ_LEN="64", EVAL_STRIDE="32"),
+                        args=("--eval-only", art))
+    for x in (one, two, chunked):
+        assert x.returncode == 0, x.stdout[-2000:] + x.stderr[-3000:]
+    s1, s2, sc = (json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("one", "two", "chunked"))
+    assert s1["final_metric"] == "ttt" and s1["config"]["TTT_MODE"] == "phased" and sc["config"]["TTT_MODE"] == "chunked"
+    assert s1["ttt_val_bpb"] == pytest.approx(s2["ttt_val_bpb"], rel=2e-5)
+    assert s1["ttt_docs"] == s2["ttt_docs"] > 8 and len(s1["ttt_phases"]) == 1
+    assert s1["eval_seconds"] >= s1["ttt_seconds"] > 0
+    assert events(one.stdout, "ttt_warmup") and events(one.stdout, "ttt_phase") and events(one.stdout, "ttt_progress")
+    prog = events(one.stdout, "ttt_progress")[-1]
+    assert prog["docs_done"] == prog["docs"] and {"running_bpb", "elapsed_s", "projected_s"} <= set(prog)
+    assert s1["ttt_val_bpb"] < s1["quant_val_bpb"] - 0.01, "phased TTT should adapt the smoke model to its val docs"
+    assert abs(sc["ttt_val_bpb"] - sc["quant_val_bpb"]) < 0.2
+
+    # bench/bench_ttt.py on the same artifact: the three modes score the same targets; --reproject redoes the projection
+    bench = [sys.executable, str(ROOT / "bench" / "bench_ttt.py"), art, "--data-path", str(tmp_path / "data" / "datasets" / "smoke_sp512"),
+             "--tokenizer", str(tmp_path / "data" / "datasets" / "smoke_sp512" / "smoke_sp512.model"),
+             *sum((["--set", f"{k}={v}"] for k, v in dict(SMALL, VAL_MAX_TOKENS="3000", TTT_CHUNK_TOKENS="512").items()), [])]
+    b = subprocess.run(bench + ["--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert b.returncode == 0, b.stdout[-2000:] + b.stderr[-2000:]
+    res = json.loads((tmp_path / "b" / "bench_ttt.json").read_text())
+    assert set(res["modes"]) == {"none", "chunked", "phased"} and len({m["tokens"] for m in res["modes"].values()}) == 1
+    pj = res["projection"]
+    assert pj["local_steps"] > 0 and pj["sp8192"]["steps"] > pj["local_steps"] and pj["sp8192"]["lora_s_by_steps"] > 0
+    b2 = subprocess.run(bench + ["--out", str(tmp_path / "b2"), "--reproject", str(tmp_path / "b" / "bench_ttt.json")],
+                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert b2.returncode == 0, b2.stderr[-2000:]
+    assert json.loads((tmp_path / "b2" / "bench_ttt.json").read_text())["projection"]["sp8192"] == pj["sp8192"]
