@@ -3087,7 +3087,7 @@ def ttt_global_sgd(fwd, model: GPT, cfg: Config, stream: torch.Tensor, device, r
     n_in = len(stream) - 1
     n_chunks = -(-n_in // G)
     n_train = max(0, n_chunks - 1)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     freeze_base(model, False)
     opt = torch.optim.SGD(params, lr=cfg.global_ttt_lr, momentum=cfg.global_ttt_momentum)
     steps, loss_sum, tok_sum = 0, 0.0, 0
@@ -3151,10 +3151,11 @@ def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens:
         x, y, pos = x.to(device), y.to(device), pos.to(device)
         ar = torch.arange(T, device=device)[None, :]
         scored = (ar >= lo.to(device)[:, None]) & (ar < hi.to(device)[:, None])
-        train = torch.tensor([c < n_chunks[i] - 1 for i in active], device=device)
+        trains = [c < n_chunks[i] - 1 for i in active]  # a document's last chunk is scored, never trained on
+        train = torch.tensor(trains, device=device)
         rows = torch.tensor(active, device=device)
         masks = make_masks(cfg, x, model.bos_id, doc=False)  # one document per row, right-padded: plain causal is exact
-        learn = opt is not None and bool(train.any())
+        learn = opt is not None and any(trains)  # from the host list: no device sync per chunk step
         for step in range(cfg.ttt_grad_steps if learn else 1):
             with torch.set_grad_enabled(learn), autocast_ctx(device):
                 nll = fwd(x, y, masks, "none", adapters.weights(rows) if adapters.a else None)
@@ -3216,8 +3217,8 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
             for after, boundary in phases:
                 if after == rnd:
                     t0 = time.perf_counter()
-                    picked = sorted(range(len(docs)), key=lambda i: (-docs[i][1], i))[:boundary]
-                    st = ttt_global_sgd(fwd, model, cfg, ttt_phase_stream(tokens, [docs[i] for i in picked], model.bos_id), device, rank, world)
+                    prefix = [docs[i] for b in batches for i in b][:boundary]  # the batches hold the longest-first order
+                    st = ttt_global_sgd(fwd, model, cfg, ttt_phase_stream(tokens, prefix, model.bos_id), device, rank, world)
                     adapters = TTTAdapters(cfg, n_virtual, cfg.ttt_docs_per_batch, device, cfg.seed + 1000 * rank + 17 * (len(phase_stats) + 1))
                     st.update(phase=len(phase_stats) + 1, after_round=rnd + 1, docs=boundary, seconds=time.perf_counter() - t0)
                     phase_stats.append(st)
