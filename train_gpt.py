@@ -29,10 +29,12 @@ import os
 import queue
 import random
 import re
+import signal
 import struct
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -316,6 +318,43 @@ class Config:
             (warn or (lambda m: print(m, file=sys.stderr)))(msg)
         return cfg
 
+    @classmethod
+    def from_artifact(cls, stored: Any, overrides: Mapping[str, str] | None = None) -> tuple["Config", list[str]]:
+        """The config an artifact stores, checked exactly like env input (types, choices, combinations), with the
+        eval-side `overrides` (env) applied. Returns it and the overrides it cannot honour (the weights fix them)."""
+        if not isinstance(stored, dict):
+            raise ConfigError(f"artifact model_config: expected a JSON object, got {type(stored).__name__}")
+        by = {f.name: f for f in FIELDS}
+        vals: dict[str, Any] = {}
+        for key, v in stored.items():
+            name = ALIASES.get(key, key)
+            if name not in by:
+                raise ConfigError(f"artifact model_config has unknown option {key!r}: written by another version of train_gpt.py")
+            f = by[name]
+            ok = isinstance(v, bool) if f.type is bool else type(v) is int if f.type is int else \
+                isinstance(v, (int, float)) and not isinstance(v, bool) if f.type is float else isinstance(v, str)
+            if not ok:
+                raise ConfigError(f"artifact model_config {name}={v!r}: expected {f.type.__name__}")
+            vals[name] = float(v) if f.type is float else v
+        for f in FIELDS:  # artifacts from older versions may lack new knobs
+            vals.setdefault(f.name, f.default)
+        ignored = []
+        for key, raw in (overrides or {}).items():
+            name = ALIASES.get(key, key)
+            if name not in by:
+                continue
+            v = _parse(by[name], raw, key)
+            if name in EVAL_OVERRIDABLE:
+                vals[name] = v
+            elif v != vals[name]:
+                ignored.append(f"{key}={raw}")
+        for f in FIELDS:
+            if f.choices and vals[f.name] not in f.choices:
+                raise ConfigError(f"artifact model_config {f.name}={vals[f.name]!r}: expected one of {list(f.choices)}")
+        cfg = cls(vals)
+        cfg._validate()
+        return cfg, ignored
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
@@ -371,6 +410,12 @@ class Config:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
+        for f in FIELDS:  # NaN would silently switch a clip or a schedule off; inf breaks fraction-based schedules
+            v = getattr(self, f.name.lower())
+            if f.type is float:
+                need(math.isfinite(v), f"{f.name}={v}: expected a finite number")
+                if f.name.endswith(("_LR", "_WD", "WEIGHT_DECAY", "_EPS", "CLIP_NORM", "_CLIP")):
+                    need(v >= 0, f"{f.name}={v}: expected >= 0")
         need(not (self.caseops and self.val_bytes == "luts"), "CASEOPS=1 with VAL_BYTES=luts: the LUTs would count the transformed text's bytes (operators included); use VAL_BYTES=auto or sidecar")
         need(self.vocab_size > 1 and self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size}: expected 2..65536 (uint16 shards)")
         need(self.num_layers >= 1, f"NUM_LAYERS={self.num_layers}: expected >= 1")
@@ -388,11 +433,14 @@ class Config:
         need(0 <= self.shared_head_dim < D, f"SHARED_HEAD_DIM={self.shared_head_dim}: expected 0..{D - 1}")
         if self.shared_head_dim:
             need(rope + self.shared_head_dim <= D, f"ROPE_DIMS ({rope}) + SHARED_HEAD_DIM ({self.shared_head_dim}) must be <= head_dim {D}")
-        need(self.xsa_last_n >= -1, f"XSA_LAST_N={self.xsa_last_n}: expected -1 (all), 0 (off) or N > 0")
+        need(-1 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n}: expected -1 (all), 0 (off) or 1..NUM_LAYERS={self.num_layers}")
         need(self.logit_softcap >= 0, f"LOGIT_SOFTCAP={self.logit_softcap}: expected >= 0 (0 = off)")
         need(self.leaky_slope >= 0, f"LEAKY_SLOPE={self.leaky_slope}: expected >= 0")
         need(re.fullmatch(r"[SLsl]+", self.window_pattern) is not None, f"WINDOW_PATTERN={self.window_pattern!r}: expected a string of S and L")
         need(self.window_short >= 0, "WINDOW_SHORT must be >= 0")
+        if self.attn_backend == "flash":
+            need(module_available("flash_attn_interface") or module_available("flash_attn"),
+                 "ATTN_BACKEND=flash: neither flash-attn 3 (flash_attn_interface) nor flash-attn 2 (flash_attn) is importable; use ATTN_BACKEND=auto")
         if self.attn_backend == "fa4":
             need(module_available("flash_attn.cute"), "ATTN_BACKEND=fa4: flash-attn-4 is not importable (pip install flash-attn-4)")
         if self.mlp_kernel == "triton":
@@ -403,14 +451,14 @@ class Config:
         need(len(gates) <= 1, f"{' and '.join(gates)} are alternative attention output gates: enable at most one")
         need(1 <= self.gate_width <= self.model_dim, f"GATE_WIDTH={self.gate_width}: expected 1..MODEL_DIM")
         need(0 <= self.smear_gate_width <= self.model_dim, f"SMEAR_GATE_WIDTH={self.smear_gate_width}: expected 0..MODEL_DIM")
+        spec = self.ve_layers.strip().lower()  # checked even with VE off: a typo should not wait for VE_ENABLED=1
+        if spec not in ("alternating", "all", "none", ""):
+            try:
+                lay = [int(x) for x in spec.split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError(f"VE_LAYERS={spec!r}: expected alternating|all|none|comma list of ints") from None
+            need(all(0 <= i < self.num_layers for i in lay), f"VE_LAYERS={spec!r}: indices must be in [0, {self.num_layers})")
         if self.ve_enabled:
-            spec = self.ve_layers.strip().lower()
-            if spec not in ("alternating", "all", "none", ""):
-                try:
-                    lay = [int(x) for x in spec.split(",") if x.strip()]
-                except ValueError:
-                    raise ConfigError(f"VE_LAYERS={spec!r}: expected alternating|all|none|comma list of ints") from None
-                need(all(0 <= i < self.num_layers for i in lay), f"VE_LAYERS={spec!r}: indices must be in [0, {self.num_layers})")
             need(self.ve_dim >= 0, "VE_DIM must be >= 0")
             need(1 <= self.ve_gate_width <= self.model_dim, f"VE_GATE_WIDTH={self.ve_gate_width}: expected 1..MODEL_DIM")
         if self.bigram_hash:
@@ -516,11 +564,18 @@ def atomic_write_bytes(path: str | Path, data: bytes):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # full disk, permissions: no temp file left behind, one clear line
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
@@ -535,10 +590,22 @@ def shard_files(data_path: str, split: str) -> list[str]:
 class TokenStream:
     """Reads training shards in order (wrapping), identical for every seed (as the SOTA loader)."""
 
-    def __init__(self, files: list[str], reverse: bool = False):
-        self.files = list(reversed(files)) if reverse else list(files)
+    def __init__(self, files: list[str], reverse: bool = False, vocab_size: int = 0):
+        files = list(reversed(files)) if reverse else list(files)
+        self.files = [f for f in files if read_shard_header(f) > 0]  # an empty shard would spin take() forever
+        if not self.files:
+            raise DataError(f"training shards {files[:3]}{'...' if len(files) > 3 else ''}: all {len(files)} hold 0 tokens")
+        self.vocab_size = vocab_size
         self.file_idx, self.pos = 0, 0
-        self.tokens = load_shard(self.files[0])
+        self.tokens = self._open(0)
+
+    def _open(self, i: int) -> np.ndarray:
+        """A shard, its largest token id checked against the model's vocab when it is opened (one pass per file)."""
+        t = load_shard(self.files[i])
+        if self.vocab_size and int(t.max()) >= self.vocab_size:
+            raise DataError(f"{self.files[i]}: token id {int(t.max())} >= VOCAB_SIZE={self.vocab_size}: the shard was built with "
+                            f"another tokenizer (vocab mismatch with the data)")
+        return t
 
     def take(self, n: int) -> np.ndarray:
         out, need = [], n
@@ -546,7 +613,7 @@ class TokenStream:
             left = self.tokens.size - self.pos
             if left <= 0:
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = self._open(self.file_idx), 0
                 continue
             k = min(left, need)
             out.append(np.asarray(self.tokens[self.pos:self.pos + k]))
@@ -584,9 +651,10 @@ class DistributedLoader:
     (x, y, cu_seqlens): with `doc=(bos_id, max_len)` (DOC_ATTENTION) x and y are ONE packed row [1, local]
     and cu_seqlens its document segments (doc_cu_seqlens); otherwise rows [local/seq_len, seq_len] and None."""
 
-    def __init__(self, files, rank, world, local_tokens, seq_len, device, prefetch=2, reverse=False, doc: tuple | None = None):
+    def __init__(self, files, rank, world, local_tokens, seq_len, device, prefetch=2, reverse=False, doc: tuple | None = None,
+                 vocab_size: int = 0):
         assert local_tokens % seq_len == 0
-        self.stream = TokenStream(files, reverse=reverse)
+        self.stream = TokenStream(files, reverse=reverse, vocab_size=vocab_size)
         self.rank, self.world, self.local, self.seq_len, self.device = rank, world, local_tokens, seq_len, device
         self.doc = doc
         self.pin = device.type == "cuda"
@@ -611,7 +679,10 @@ class DistributedLoader:
 
     def _work(self):
         while not self._stop:
-            item = self._make()
+            try:
+                item = self._make()
+            except Exception as e:  # noqa: BLE001  handed to next(): the main thread must not wait forever
+                item = e
             while not self._stop:
                 try:
                     self.q.put(item, timeout=0.1)
@@ -620,8 +691,11 @@ class DistributedLoader:
                     pass
 
     def next(self):
-        return tuple(t.to(self.device, non_blocking=True) if t is not None else None
-                     for t in (self.q.get() if self.q is not None else self._make()))
+        item = self.q.get() if self.q is not None else self._make()
+        if isinstance(item, Exception):
+            self._stop = True
+            raise item
+        return tuple(t.to(self.device, non_blocking=True) if t is not None else None for t in item)
 
     def close(self):
         if self.q is not None:
@@ -684,8 +758,16 @@ def target_bytes(prev: np.ndarray | torch.Tensor, tgt, luts):
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
     if not Path(path).is_file():
-        raise DataError(f"TOKENIZER_PATH={path}: SentencePiece model not found")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+        raise DataError(f"TOKENIZER_PATH={path}: SentencePiece model not found. Get the challenge data and tokenizer with "
+                        f"`MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python data/cached_challenge_fineweb.py --variant sp8192`, "
+                        f"build local ones with `python data/text_to_shards.py` (data/README.md), or try `PRESET=smoke python train_gpt.py`")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"TOKENIZER_PATH={path}: not a SentencePiece model ({str(e).strip().splitlines()[-1][:120]})") from None
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"TOKENIZER_PATH={path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size} (the model's vocab): they must be "
+                        f"equal; use the tokenizer the data was built with and VOCAB_SIZE={sp.vocab_size()}, or the matching artifact")
     return sp, build_byte_luts(sp, vocab_size)
 
 
@@ -1157,21 +1239,23 @@ def plus(y: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Partial RoPE: rotate dims [0, R) as pairs (i, i + R/2) with theta_i = base^(-2i/R)."""
+    """Partial RoPE: rotate dims [0, R) as pairs (i, i + R/2) with theta_i = base^(-2i/R). The cos/sin tables for
+    positions < max_len are buffers built once; a forward slices them, so a compiled forward with dynamic lengths
+    (phased TTT) holds no Python cache whose guards would recompile it at every new length."""
 
-    def __init__(self, rope_dims: int, base: float):
+    def __init__(self, rope_dims: int, base: float, max_len: int = 4096):
         super().__init__()
         self.r = rope_dims
         self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims), persistent=False)
-        self._cache: dict = {}
+        f = torch.outer(torch.arange(max_len, dtype=torch.float32), self.inv_freq)
+        self.register_buffer("cos_table", f.cos()[None, :, None, :], persistent=False)
+        self.register_buffer("sin_table", f.sin()[None, :, None, :], persistent=False)
 
     def cos_sin(self, T: int, device, dtype):
-        key = (T, device, dtype)
-        if key not in self._cache:
-            t = torch.arange(T, device=device, dtype=torch.float32)
-            f = torch.outer(t, self.inv_freq.to(device))
-            self._cache[key] = (f.cos()[None, :, None, :].to(dtype), f.sin()[None, :, None, :].to(dtype))
-        return self._cache[key]
+        if T <= self.cos_table.size(1):
+            return self.cos_table[:, :T].to(dtype), self.sin_table[:, :T].to(dtype)
+        f = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.inv_freq.to(device))  # longer than planned
+        return f.cos()[None, :, None, :].to(dtype), f.sin()[None, :, None, :].to(dtype)
 
     def forward(self, x):  # x [B, T, H, D]
         cos, sin = self.cos_sin(x.size(1), x.device, x.dtype)
@@ -1225,7 +1309,7 @@ class Attention(nn.Module):
         if cfg.shared_head_dim:
             self.c_q.shared, self.c_k.shared = (H, D, cfg.shared_head_dim), (Hkv, D, cfg.shared_head_dim)
         self.q_gain = nn.Parameter(torch.full((H,), cfg.qk_gain_init))
-        self.rotary = Rotary(cfg.rope_dims or D, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims or D, cfg.rope_base, max(cfg.train_seq_len, cfg.eval_seq_len, cfg.ttt_eval_seq_len))
         self.window = cfg.layer_windows()[layer]
         n_xsa = cfg.num_layers if cfg.xsa_last_n < 0 else cfg.xsa_last_n
         self.xsa = layer >= cfg.num_layers - n_xsa
@@ -1812,6 +1896,8 @@ class Logger:
         if isinstance(v, bool):
             return str(int(v))
         if isinstance(v, float):
+            if v != 0 and abs(v) < 1e-4:  # ADAM_EPS=1e-8 must not print as 0.000000
+                return f"{v:.6g}"
             return f"{v:.6f}" if abs(v) < 1e5 else f"{v:.1f}"
         return str(v).replace(" ", "_").replace("\n", "_")
 
@@ -1858,7 +1944,7 @@ class Trainer:
     def new_loader(self):
         doc = (self.model.bos_id, self.cfg.train_seq_len) if self.cfg.doc_attention else None
         return DistributedLoader(self.train_files, self.rank, self.world, self.local_tokens, self.cfg.train_seq_len, self.device,
-                                 self.cfg.prefetch_batches, doc=doc)
+                                 self.cfg.prefetch_batches, doc=doc, vocab_size=self.cfg.vocab_size)
 
     def step(self, step: int, lr_mul: float) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
@@ -1899,7 +1985,8 @@ class Trainer:
             self.ema = EMA(self.model, cfg.ema_decay)
         self.loader.close()
         self.loader = self.new_loader()
-        self.log("warmup", steps=cfg.warmup_steps * len(modes), seconds=time.perf_counter() - t0, rolled_back=1)
+        self.log("warmup", steps=cfg.warmup_steps, loop_modes=len(modes), steps_run=cfg.warmup_steps * len(modes),
+                 seconds=time.perf_counter() - t0, rolled_back=1)
 
     def train(self, evaluate: Callable[[], tuple[float, float]] | None) -> dict:
         cfg, dev = self.cfg, self.device
@@ -1938,8 +2025,9 @@ class Trainer:
                 dt = (now - last_log_t) / max(step - last_log_step, 1)
                 last_log_t, last_log_step = now, step
                 elapsed_s = (train_ms + 1000 * (now - t0)) / 1000
-                self.log("train", step=step, loss=lv, lr_mul=lr_mul, ms_step=1000 * dt, tok_s=tokens_per_step / dt,
-                         elapsed_s=elapsed_s, remaining_s=(budget_ms / 1000 - elapsed_s) if budget_ms else 0.0)
+                budget = dict(remaining_s=budget_ms / 1000 - elapsed_s) if budget_ms else {}  # absent without a wallclock cap
+                self.log("train", step=step, max_steps=cfg.iterations, loss=lv, lr_mul=lr_mul, ms_step=1000 * dt, tok_s=tokens_per_step / dt,
+                         elapsed_s=elapsed_s, **budget)
             if cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0 and evaluate is not None:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
@@ -2247,9 +2335,20 @@ def pack_state(tensors: dict, meta: dict | None = None) -> bytes:
                       "offset": off, "nbytes": len(b)}
         chunks.append(b)
         off += len(b)
-    header = json.dumps({"version": 1, "tensors": entries, "meta": meta or {}},
+    header = json.dumps({"version": 2, "tensors": entries, "meta": meta or {}},
                         separators=(",", ":")).encode("utf-8")
-    return PGQ_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    body = PGQ_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    return body + struct.pack("<I", zlib.crc32(body))  # version 2: a CRC32 of everything before it closes the blob
+
+
+def _json_header(raw: bytes, what: str):
+    """A container's JSON header, parsed with clear errors (bad UTF-8/JSON, nesting too deep for the parser)."""
+    try:
+        return json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} header is not valid UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{what} header JSON is nested too deeply: corrupt or hostile artifact") from None
 
 
 def unpack_state(buf) -> tuple:
@@ -2263,14 +2362,20 @@ def unpack_state(buf) -> tuple:
     (hlen,) = struct.unpack("<I", buf[4:8])
     if 8 + hlen > len(buf):
         raise ValueError(f"PGQ1 header length {hlen} exceeds blob size {len(buf)} (truncated?)")
-    try:
-        header = json.loads(buf[8:8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"PGQ1 header is not valid UTF-8 JSON: {e}") from None
-    if not isinstance(header, dict) or header.get("version") != 1 \
+    header = _json_header(buf[8:8 + hlen], "PGQ1")
+    if not isinstance(header, dict) or header.get("version") not in (1, 2) \
             or not isinstance(header.get("tensors"), list) or not isinstance(header.get("meta"), dict):
-        raise ValueError("PGQ1 header must be {'version': 1, 'tensors': [...], 'meta': {...}}")
-    data = memoryview(buf)[8 + hlen:]
+        raise ValueError("PGQ1 header must be {'version': 1|2, 'tensors': [...], 'meta': {...}}")
+    end_data = len(buf)
+    if header["version"] == 2:  # version 1 (older artifacts) carries no checksum
+        if len(buf) < 8 + hlen + 4:
+            raise ValueError("PGQ1 blob truncated: no room for its checksum")
+        end_data = len(buf) - 4
+        (stored,) = struct.unpack("<I", buf[end_data:])
+        got = zlib.crc32(memoryview(buf)[:end_data])
+        if got != stored:
+            raise ValueError(f"PGQ1 checksum mismatch (stored crc32 {stored:08x}, computed {got:08x}): the artifact is corrupt")
+    data = memoryview(buf)[8 + hlen:end_data]
     out, spans = {}, []
     for k, e in enumerate(header["tensors"]):
         if not isinstance(e, dict):
@@ -2369,22 +2474,77 @@ def compress_blob(raw: bytes, compressor: str = "brotli", shuffle: int = 2) -> b
     return BLOB_MAGIC + _CODEC_IDS[compressor] + payload
 
 
-def decompress_blob(blob: bytes) -> bytes:
+RAW_CAP_MIN, RAW_CAP_RATIO, RAW_CAP_MAX = 16 << 20, 64, 2 << 30
+
+
+def raw_cap(n_compressed: int) -> int:
+    """Most bytes a compressed blob may expand to: 64x its size (at least 16 MiB, at most 2 GiB). A real artifact
+    expands ~2-3x; a hostile one (a tiny file that decodes to gigabytes) is refused before it is allocated."""
+    return min(RAW_CAP_MAX, max(RAW_CAP_MIN, RAW_CAP_RATIO * n_compressed))
+
+
+def _bounded_decode(codec: str, payload: bytes, cap: int) -> bytes:
+    """Decode in bounded steps; more than `cap` output bytes is an error, not an allocation."""
+    over = ValueError(f"{codec} payload expands beyond {cap:,} bytes ({RAW_CAP_RATIO}x the blob, at least {RAW_CAP_MIN >> 20} MiB): "
+                      "corrupt or hostile artifact")
+    step = 1 << 22
+    if codec == "none":
+        if len(payload) > cap:
+            raise over
+        return payload
+    if codec == "lzma":
+        d = lzma.LZMADecompressor()
+        out = d.decompress(payload, max_length=cap + 1)
+        if len(out) > cap:
+            raise over
+        if not d.eof:
+            raise ValueError("lzma payload is truncated")
+        return out
+    if codec == "zstd":
+        reader = _import_codec("zstandard", "zstandard").ZstdDecompressor().stream_reader(payload)
+        parts, n = [], 0
+        while True:
+            chunk = reader.read(step)
+            if not chunk:
+                break
+            parts.append(chunk)
+            n += len(chunk)
+            if n > cap:
+                raise over
+        return b"".join(parts)
+    brotli = _import_codec("brotli", "brotli")
+    d = brotli.Decompressor()
+    try:
+        out = d.process(payload, output_buffer_limit=step)
+    except TypeError:  # brotli < 1.2 cannot bound its output: decode whole, then check
+        out = brotli.decompress(payload)
+        if len(out) > cap:
+            raise over from None
+        return out
+    parts, n = [], 0
+    while True:
+        parts.append(out)
+        n += len(out)
+        if n > cap:
+            raise over
+        if d.is_finished():
+            return b"".join(parts)
+        if not out and d.can_accept_more_data():
+            raise ValueError("brotli payload is truncated")
+        out = d.process(b"", output_buffer_limit=step)
+
+
+def decompress_blob(blob: bytes, cap: int | None = None) -> bytes:
     blob = bytes(blob)
     if len(blob) < 4 or blob[:3] != BLOB_MAGIC:
         raise ValueError(f"not a compressed PGZ blob (header {blob[:4]!r})")
     codec = {v: k for k, v in _CODEC_IDS.items()}.get(blob[3:4])
     if codec is None:
         raise ValueError(f"unknown codec id {blob[3:4]!r} in PGZ blob")
-    payload = blob[4:]
-    if codec == "brotli":
-        decode = _import_codec("brotli", "brotli").decompress
-    elif codec == "zstd":
-        decode = _import_codec("zstandard", "zstandard").ZstdDecompressor().decompress
-    else:
-        decode = lzma.decompress if codec == "lzma" else bytes
     try:
-        raw = decode(payload)
+        raw = _bounded_decode(codec, blob[4:], raw_cap(len(blob)) if cap is None else cap)
+    except (ValueError, RuntimeError):  # ours: over the cap, truncated, codec not installed
+        raise
     except Exception as e:  # each library raises its own error type on corrupt input
         raise ValueError(f"corrupt {codec} payload: {e}") from None
     return byte_unshuffle(raw) if raw[:4] == BSHF_MAGIC else raw
@@ -2527,21 +2687,28 @@ def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
         return tensors[key].to(device)
 
     out = {}
+    if not isinstance(meta.get("tensors"), dict):
+        raise ValueError("manifest meta.tensors: expected an object")
     for name, e in meta["tensors"].items():
+        if not isinstance(e, dict) or "scheme" not in e or not isinstance(e.get("shape"), list):
+            raise ValueError(f"tensor {name!r}: manifest entry needs a scheme and a shape")
         scheme, shape = e["scheme"], tuple(e["shape"])
         dtype = _PACK_DTYPES[e["dtype"]][0] if e.get("dtype") in _PACK_DTYPES else None
         if dtype is None:
             raise ValueError(f"tensor {name!r}: unknown original dtype {e.get('dtype')!r}")
-        if scheme in ("gptq", "rtn", "int8_row"):
-            W = dequantize(get(name + ".q"), get(name + ".scale"))
-            if "lqer" in e:
-                f = dict(e["lqer"], **{k: get(f"{name}.lqer.{k}") for k in _LQER_KEYS})
-                W = W + lqer_delta(f)
-            out[name] = W.reshape(shape).to(dtype)
-        elif scheme in _CAST or scheme == "raw":
-            out[name] = get(name).reshape(shape).to(dtype)
-        else:
-            raise ValueError(f"tensor {name!r}: unknown scheme {scheme!r}")
+        try:
+            if scheme in ("gptq", "rtn", "int8_row"):
+                W = dequantize(get(name + ".q"), get(name + ".scale"))
+                if "lqer" in e:
+                    f = dict(e["lqer"], **{k: get(f"{name}.lqer.{k}") for k in _LQER_KEYS})
+                    W = W + lqer_delta(f)
+                out[name] = W.reshape(shape).to(dtype)
+            elif scheme in _CAST or scheme == "raw":
+                out[name] = get(name).reshape(shape).to(dtype)
+            else:
+                raise ValueError(f"tensor {name!r}: unknown scheme {scheme!r}")
+        except (RuntimeError, TypeError, KeyError, IndexError) as err:  # stored tensors that do not fit the manifest
+            raise ValueError(f"tensor {name!r}: stored data does not fit its manifest entry ({type(err).__name__}: {err})") from None
     return out
 
 
@@ -2601,7 +2768,11 @@ def _lrzip(args: list[str], data: bytes) -> bytes:
     with tempfile.TemporaryDirectory(prefix="pgrp_") as d:
         src, dst = Path(d) / "in", Path(d) / "out"
         src.write_bytes(data)
-        subprocess.run(["lrzip", "-q", "-f", *args, "-o", str(dst), str(src)], check=True, capture_output=True)
+        r = subprocess.run(["lrzip", "-q", "-f", *args, "-o", str(dst), str(src)], capture_output=True)
+        if r.returncode != 0:
+            raise ValueError(f"lrzip {' '.join(args)} failed: {r.stderr.decode(errors='replace').strip()[:200]}")
+        if "-d" in args and dst.stat().st_size > raw_cap(len(data)):
+            raise ValueError(f"lrzip stream expands beyond {raw_cap(len(data)):,} bytes: corrupt or hostile artifact")
         return dst.read_bytes()
 
 
@@ -2636,7 +2807,7 @@ def serialize_pergroup(tensors: dict, meta: dict, codecs: list[str] | None = Non
         if tensor_role(name) in PERGROUP_ROLES and t.dtype == torch.int8 and t.dim() == 2:
             groups.setdefault(tensor_role(name), []).append(name)
     grouped = {n for names in groups.values() for n in names}
-    header: dict = {"version": 1, "groups": []}
+    header: dict = {"version": 2, "groups": []}
     streams, perms = [], []
     for role in (r for r in PERGROUP_ROLES if r in groups):
         parts, entries = [], []
@@ -2651,45 +2822,73 @@ def serialize_pergroup(tensors: dict, meta: dict, codecs: list[str] | None = Non
         raw = b"".join(parts)
         sizes = {c: _stream_compress(raw, c) for c in codecs}
         best = min(sizes, key=lambda c: len(sizes[c]))
-        header["groups"].append({"role": role, "tensors": entries, "codec": best, "nbytes": len(sizes[best]),
+        header["groups"].append({"role": role, "tensors": entries, "codec": best, "nbytes": len(sizes[best]), "crc32": zlib.crc32(raw),
                                  "bytes_by_codec": {c: len(v) for c, v in sizes.items()}})
         streams.append(sizes[best])
     perm_blob = compress_blob(b"".join(perms), "brotli", 0) if perms else b""
+    header["perm_crc32"] = zlib.crc32(b"".join(perms))
     rest = serialize_state({n: t for n, t in tensors.items() if n not in grouped}, meta, "brotli")
     header["perm_nbytes"], header["rest_nbytes"] = len(perm_blob), len(rest)
     hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return PGRP_MAGIC + struct.pack("<I", len(hdr)) + hdr + b"".join(streams) + perm_blob + rest
+    head = PGRP_MAGIC + struct.pack("<I", len(hdr)) + hdr
+    # version 2: the header's CRC32 follows it; each stream's raw bytes carry theirs (the rest is a PGQ1 blob: its own)
+    return head + struct.pack("<I", zlib.crc32(head)) + b"".join(streams) + perm_blob + rest
 
 
 def deserialize_pergroup(blob: bytes) -> tuple:
     blob = bytes(blob)
+    if len(blob) < 8:
+        raise ValueError(f"pergroup artifact truncated: {len(blob)} bytes")
     (hlen,) = struct.unpack("<I", blob[4:8])
+    if 8 + hlen + 4 > len(blob):
+        raise ValueError(f"pergroup header length {hlen} exceeds the artifact's {len(blob)} bytes (truncated?)")
+    (stored,) = struct.unpack("<I", blob[8 + hlen:12 + hlen])
+    if zlib.crc32(blob[:8 + hlen]) != stored:
+        raise ValueError("pergroup artifact: header checksum mismatch: the artifact is corrupt (or from a version 1 writer: repack it)")
+    header = _json_header(blob[8:8 + hlen], "pergroup")
     try:
-        header = json.loads(blob[8:8 + hlen].decode("utf-8"))
-        groups = header["groups"]
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"pergroup artifact: unreadable header ({e})") from None
-    pos = 8 + hlen
+        return _pergroup_tensors(blob, header, 12 + hlen)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"pergroup artifact: malformed header ({type(e).__name__}: {e})") from None
+
+
+def _pergroup_tensors(blob: bytes, header: dict, pos: int) -> tuple:
+    groups = header["groups"]
+    if header.get("version") != 2 or not isinstance(groups, list):
+        raise ValueError("pergroup artifact: header must be {'version': 2, 'groups': [...]}")
     payloads = []
     for g in groups:
+        if type(g["nbytes"]) is not int or g["nbytes"] < 0 or pos + g["nbytes"] > len(blob):
+            raise ValueError(f"pergroup artifact: group {g.get('role')!r} byte count {g['nbytes']!r} out of range")
         payloads.append(blob[pos:pos + g["nbytes"]])
         pos += g["nbytes"]
-    perm_raw = decompress_blob(blob[pos:pos + header["perm_nbytes"]]) if header["perm_nbytes"] else b""
-    pos += header["perm_nbytes"]
-    tensors, meta = deserialize_state(blob[pos:pos + header["rest_nbytes"]])
-    if pos + header["rest_nbytes"] != len(blob):
-        raise ValueError(f"pergroup artifact: {len(blob)} bytes, the header accounts for {pos + header['rest_nbytes']}")
+    pn, rn = header["perm_nbytes"], header["rest_nbytes"]
+    if type(pn) is not int or type(rn) is not int or pn < 0 or rn < 0 or pos + pn + rn != len(blob):
+        raise ValueError(f"pergroup artifact: {len(blob)} bytes, the header accounts for {pos}+{pn!r}+{rn!r}")
+    perm_raw = decompress_blob(blob[pos:pos + pn]) if pn else b""
+    if zlib.crc32(perm_raw) != header["perm_crc32"]:
+        raise ValueError("pergroup artifact: row permutations fail their checksum: the artifact is corrupt")
+    pos += pn
+    tensors, meta = deserialize_state(blob[pos:pos + rn])
     ppos = 0
     for g, payload in zip(groups, payloads):
         raw, off = _stream_decompress(payload, g["codec"]), 0
+        if zlib.crc32(raw) != g["crc32"]:
+            raise ValueError(f"pergroup artifact: group {g['role']!r} fails its checksum: the artifact is corrupt")
         for e in g["tensors"]:
             R, C = e["shape"]
+            if type(R) is not int or type(C) is not int or R < 0 or C < 0 or off + R * C > len(raw) or e["name"] in tensors:
+                raise ValueError(f"pergroup artifact: tensor {e['name']!r} of shape {e['shape']!r} does not fit group {g['role']!r}")
             q = torch.from_numpy(np.frombuffer(raw, dtype=np.int8, count=R * C, offset=off).copy()).view(C, R).t().contiguous()
             off += R * C
             if e["perm"]:
                 dt = _perm_dtype(R)
+                if ppos + R * np.dtype(dt).itemsize > len(perm_raw):
+                    raise ValueError(f"pergroup artifact: row permutation of {e['name']!r} out of range")
                 order = np.frombuffer(perm_raw, dtype=dt, count=R, offset=ppos).astype(np.int64)
                 ppos += R * np.dtype(dt).itemsize
+                if not np.array_equal(np.sort(order), np.arange(R)):
+                    raise ValueError(f"pergroup artifact: the stored row order of {e['name']!r} is not a permutation")
                 restored = torch.empty_like(q)
                 restored[torch.from_numpy(order)] = q
                 q = restored
@@ -2779,27 +2978,58 @@ def build_artifact(tensors: dict, qmeta: dict, cfg: Config, bos_id: int) -> byte
     return serialize_state(tensors, meta, cfg.compressor)
 
 
-def load_artifact(blob: bytes, device, env_overrides: Mapping[str, str] | None = None) -> tuple[GPT, Config]:
-    """Fresh model from the artifact alone: config from its manifest, weights dequantized."""
+def check_manifest(cfg: Config, tensors: dict, meta: dict, bos_id: int) -> None:
+    """Before anything is built: the manifest is well formed, its tensors are stored, its sizes fit the payload, and
+    the config's model has exactly the manifest's parameters and shapes (checked on the meta device: no memory)."""
+    man = meta.get("tensors")
+    if not isinstance(man, dict) or not man:
+        raise ValueError("artifact manifest meta.tensors: expected a non-empty object")
+    stored_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    numel = 0
+    for name, e in man.items():
+        shape = e.get("shape") if isinstance(e, dict) else None
+        if not isinstance(e, dict) or not isinstance(e.get("scheme"), str) or not isinstance(shape, list) \
+                or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"artifact manifest entry {name!r}: expected {{'scheme': str, 'shape': [ints], ...}}")
+        numel += math.prod(shape)
+    if numel > stored_bytes:  # every element is stored in at least one byte (int8 codes or wider)
+        raise ValueError(f"artifact manifest declares {numel:,} weights but stores only {stored_bytes:,} bytes: corrupt manifest")
+    blocks = {int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", n) for n in man) if m}
+    if blocks != set(range(cfg.num_layers)):
+        raise ValueError(f"artifact model_config NUM_LAYERS={cfg.num_layers} but its manifest holds blocks {sorted(blocks)[:8]}...")
+    emb = man.get("tok_emb.weight", {}).get("shape")
+    if emb != [cfg.vocab_size, cfg.model_dim]:
+        raise ValueError(f"artifact model_config VOCAB_SIZE={cfg.vocab_size} MODEL_DIM={cfg.model_dim} but its tok_emb is {emb}")
+    with torch.device("meta"):
+        want = {k: list(v.shape) for k, v in GPT(cfg, bos_id).state_dict().items()}
+    have = {k: e["shape"] for k, e in man.items()}
+    diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(f"artifact manifest does not match its model_config: {len(diff)} tensors differ, e.g. {k!r}: "
+                         f"model {want.get(k, 'absent')} vs manifest {have.get(k, 'absent')}")
+
+
+def load_artifact(blob: bytes, device, env_overrides: Mapping[str, str] | None = None,
+                  ignored: list[str] | None = None) -> tuple[GPT, Config]:
+    """Fresh model from the artifact alone: config from its manifest (validated as env input), weights dequantized.
+    Every problem is a ValueError/ConfigError naming it; env overrides it cannot honour are appended to `ignored`."""
     tensors, meta = deserialize_state(blob)
     if "model_config" not in meta:
         raise ValueError("artifact has no model_config: not written by this train_gpt.py")
-    vals = dict(meta["model_config"])
-    by = {f.name: f for f in FIELDS}
-    for k, v in (env_overrides or {}).items():  # eval-side knobs may be overridden at load
-        name = ALIASES.get(k, k)
-        if name in by and name in EVAL_OVERRIDABLE:
-            vals[name] = _parse(by[name], v, k)
-    for f in FIELDS:  # artifacts from older versions may lack new knobs
-        vals.setdefault(f.name, f.default)
-    cfg = Config(vals)
-    cfg._validate()
-    model = GPT(cfg, int(meta.get("bos_id", 1)))
-    bake_shared_heads(model)  # stored weights are already baked; the forward must not re-tie
+    cfg, skipped = Config.from_artifact(meta["model_config"], env_overrides)
+    if ignored is not None:
+        ignored.extend(skipped)
+    bos_id = meta.get("bos_id", 1)
+    if type(bos_id) is not int or not 0 <= bos_id < cfg.vocab_size:
+        raise ValueError(f"artifact bos_id={bos_id!r}: expected an int in [0, VOCAB_SIZE={cfg.vocab_size})")
+    check_manifest(cfg, tensors, meta, bos_id)
     sd = dequantize_state_dict(tensors, meta)
-    missing = set(model.state_dict()) - set(sd)
-    if missing:
-        raise ValueError(f"artifact lacks tensors {sorted(missing)[:5]}... for this config")
+    bad = [n for n, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"artifact weights hold NaN/inf in {len(bad)} tensors (e.g. {bad[0]!r}): refusing to score them")
+    model = GPT(cfg, bos_id)
+    bake_shared_heads(model)  # stored weights are already baked; the forward must not re-tie
     model.load_state_dict(sd)
     model.looping_active = cfg.num_loops > 0
     return model.to(device), cfg
@@ -2903,7 +3133,7 @@ class TTTAdapters:
     per document slot (phased TTT); the slices never mix (AdamW is elementwise, the loss a sum over documents)."""
 
     def __init__(self, cfg: Config, n_virtual: int, rows: int, device, seed: int):
-        self.scale = cfg.ttt_lora_alpha / cfg.ttt_lora_rank
+        self.scale, self.rows = cfg.ttt_lora_alpha / cfg.ttt_lora_rank, rows
         self.gen = torch.Generator(device=device).manual_seed(seed)
         dims, r = ttt_target_dims(cfg), cfg.ttt_lora_rank
         self.a: dict[str, torch.Tensor] = {}
@@ -2930,9 +3160,15 @@ class TTTAdapters:
         for b in self.b.values():
             b.zero_()
 
-    def weights(self, rows: torch.Tensor | None = None) -> dict:
-        """The `lora` argument of GPT.forward; `rows` picks document slots (autograd flows back to the slices)."""
-        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    def weights(self, rows: torch.Tensor | int | None = None) -> dict:
+        """The `lora` argument of GPT.forward; `rows` picks document slots: an int k = the first k slots (views, no
+        copy), a tensor = those slots (autograd flows back to the slices either way)."""
+        if rows is None:
+            pick = lambda t: t  # noqa: E731
+        elif isinstance(rows, int):
+            pick = lambda t: t[:rows]  # noqa: E731
+        else:
+            pick = lambda t: t.index_select(0, rows)  # noqa: E731
         return {"scale": self.scale, "w": {k: (pick(self.a[k]), pick(self.b[k])) for k in self.a}}
 
 
@@ -3126,9 +3362,12 @@ def ttt_global_sgd(fwd, model: GPT, cfg: Config, stream: torch.Tensor, device, r
 
 
 def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens: torch.Tensor, docs: list[tuple[int, int]],
-                    luts: LUTs, device, acc: torch.Tensor, nll_out: torch.Tensor | None):
+                    luts: LUTs, device, acc: torch.Tensor, nll_out: torch.Tensor | None, min_rows: int = 1):
     """One batch of documents: per chunk step, one forward scores every active document's chunk (added to `acc`:
-    loss, tokens, bytes) and then trains each document's LoRA slice on it (not on a document's last chunk)."""
+    loss, tokens, bytes) and then trains each document's LoRA slice on it (not on a document's last chunk).
+    `tokens` is the val stream on `device`; windows are gathered there (no host copy per step). Documents longest
+    first make the active ones a prefix of the slots; `min_rows` pads a step with empty rows (no target scored, no
+    loss) so that a compiled forward never sees one row (dynamo specializes size 1: a second graph)."""
     C, W = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
     n_pred = [n - 1 for _, n in docs]
     n_chunks = [-(-p // C) for p in n_pred]
@@ -3136,29 +3375,31 @@ def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens:
     opt = ttt_adamw(cfg, adapters.params(), device) if adapters.a else None
     for c in range(max(n_chunks)):
         active = [i for i in range(len(docs)) if c < n_chunks[i]]
-        wins = [ttt_chunk_window(n_pred[i], c, C, W) for i in active]
-        T = -(-max(we - ws for ws, we, _ in wins) // 64) * 64  # few distinct shapes for the compiled forward
-        x = torch.zeros(len(active), T, dtype=torch.long)
-        y = torch.zeros(len(active), T, dtype=torch.long)
-        pos = torch.zeros(len(active), T, dtype=torch.long)
-        lo, hi = torch.zeros(len(active), dtype=torch.long), torch.zeros(len(active), dtype=torch.long)
-        for r, (i, (ws, we, first)) in enumerate(zip(active, wins)):
-            s0 = docs[i][0]
-            x[r, :we - ws] = tokens[s0 + ws:s0 + we]
-            y[r, :we - ws] = tokens[s0 + ws + 1:s0 + we + 1]
-            pos[r, :we - ws] = torch.arange(s0 + ws + 1, s0 + we + 1)
-            lo[r], hi[r] = first - ws, we - ws
-        x, y, pos = x.to(device), y.to(device), pos.to(device)
+        prefix = active == list(range(len(active)))
+        rows = max(len(active), min(min_rows, adapters.rows)) if prefix else len(active)
+        info = torch.zeros(3, rows, dtype=torch.long)  # per row: absolute window start, window length, first scored
+        for r, i in enumerate(active):
+            ws, we, first = ttt_chunk_window(n_pred[i], c, C, W)
+            info[0, r], info[1, r], info[2, r] = docs[i][0] + ws, we - ws, first - ws
+        T = -(-int(info[1].max()) // 64) * 64  # few distinct shapes for the compiled forward
+        info = info.to(device)
         ar = torch.arange(T, device=device)[None, :]
-        scored = (ar >= lo.to(device)[:, None]) & (ar < hi.to(device)[:, None])
-        trains = [c < n_chunks[i] - 1 for i in active]  # a document's last chunk is scored, never trained on
+        valid = ar < info[1][:, None]
+        idx = torch.where(valid, info[0][:, None] + ar, 0)
+        x = torch.where(valid, tokens[idx], 0)
+        y = torch.where(valid, tokens[idx + 1], 0)
+        pos = torch.where(valid, idx + 1, 0)
+        scored = valid & (ar >= info[2][:, None])
+        trains = [c < n_chunks[i] - 1 for i in active] + [False] * (rows - len(active))  # a last chunk is never trained on
         train = torch.tensor(trains, device=device)
-        rows = torch.tensor(active, device=device)
         masks = make_masks(cfg, x, model.bos_id, doc=False)  # one document per row, right-padded: plain causal is exact
+        lora = (adapters.weights(rows) if prefix else adapters.weights(torch.tensor(active, device=device))) if adapters.a else None
         learn = opt is not None and any(trains)  # from the host list: no device sync per chunk step
         for step in range(cfg.ttt_grad_steps if learn else 1):
-            with torch.set_grad_enabled(learn), autocast_ctx(device):
-                nll = fwd(x, y, masks, "none", adapters.weights(rows) if adapters.a else None)
+            # with adapters the forward always records the graph (also on a batch's last, untrained step): one
+            # compiled graph instead of a second, no-grad one
+            with torch.set_grad_enabled(opt is not None), autocast_ctx(device):
+                nll = fwd(x, y, masks, "none", lora)
             if step == 0:  # the score: this forward has seen no update from this chunk
                 m = scored.double()
                 nd = nll.detach().double()
@@ -3178,6 +3419,7 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
     t_start = time.perf_counter()
     fwd = fwd or model
     tokens = tokens.cpu()
+    tokens_dev = tokens.to(device)
     docs = ttt_documents(tokens, model.bos_id)
     batches, phases = ttt_schedule(docs, cfg, world)
     n_rounds = -(-len(batches) // world)
@@ -3198,7 +3440,8 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
             if j < len(batches):
                 if not cfg.ttt_warm_start_a:  # A drawn per batch index: the result does not depend on WORLD_SIZE
                     adapters.reset_a(cfg.seed * 1_000_003 + j)
-                ttt_score_batch(fwd, model, cfg, adapters, tokens, [docs[i] for i in batches[j]], luts, device, acc, nll_out)
+                ttt_score_batch(fwd, model, cfg, adapters, tokens_dev, [docs[i] for i in batches[j]], luts, device, acc, nll_out,
+                                min_rows=2 if fwd is not model else 1)
             if rnd % log_every == log_every - 1 or rnd == n_rounds - 1:  # the same rounds on every rank (a collective)
                 done = acc.clone()
                 if world > 1:
@@ -3239,26 +3482,34 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
     return out
 
 
+class _WarmBytes:
+    """Byte counts for the warmup's random documents (the real LUTs / sidecar describe validation data)."""
+
+    @staticmethod
+    def bytes(prev, tgt, pos=None):
+        return torch.ones_like(tgt)
+
+
 def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
-    """Compile warmup of the TTT forward on RANDOM tokens (never validation data), outside the eval timer: the LoRA
-    step at a short and a full window, one document alone, and a global-SGD forward/backward (weights untouched)."""
+    """Compile warmup of the TTT forward on RANDOM tokens (never validation data), outside the eval timer: one batch
+    of random documents through ttt_score_batch itself (a full-batch step, windows growing to TTT_EVAL_SEQ_LEN, the
+    padded few-row steps, a last untrained chunk) and a global-SGD forward/backward (weights untouched)."""
     t0 = time.perf_counter()
     g = torch.Generator(device="cpu").manual_seed(0)
     n_virtual = len(layer_order(cfg, model.looping_active))
-    adapters = TTTAdapters(cfg, n_virtual, cfg.ttt_docs_per_batch, device, 0)
-    opt = ttt_adamw(cfg, adapters.params(), device) if adapters.a else None
-    W, R = cfg.ttt_eval_seq_len, cfg.ttt_docs_per_batch
+    R, C, W = cfg.ttt_docs_per_batch, cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
+    adapters = TTTAdapters(cfg, n_virtual, R, device, 0)
+    # one long document; the others end after their first chunk. R - 1 documents: a first call whose row count equals
+    # its window length (64 and 64 at the defaults) makes dynamo "duck size" both to one symbol, and every later
+    # window length then recompiles the graph (seen on the H200: ~2 min per compile)
+    lengths = [W + 2 * C + 1] + [C + 1] * max(0, R - 2)
+    stream = torch.randint(0, cfg.vocab_size, (sum(lengths),), generator=g)
+    docs = [(int(s), n) for s, n in zip(np.cumsum([0] + lengths[:-1]), lengths)]
+    acc = torch.zeros(3, dtype=torch.float64, device=device)
     freeze_base(model, True)
     try:
-        for rows, T, learn in ((R, 64, True), (R, W, True), (1, 64, True), (R, 64, False), (1, 64, False)):
-            x = torch.randint(0, cfg.vocab_size, (rows, T + 1), generator=g).to(device)
-            with torch.set_grad_enabled(learn and opt is not None), autocast_ctx(device):
-                nll = fwd(x[:, :-1], x[:, 1:], make_masks(cfg, x[:, :-1], model.bos_id, doc=False), "none",
-                          adapters.weights(torch.arange(rows, device=device)) if adapters.a else None)
-            if learn and opt is not None:
-                nll.mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        ttt_score_batch(fwd, model, cfg, adapters, stream.to(device), docs, _WarmBytes(), device, acc, None,
+                        min_rows=2 if fwd is not model else 1)
         if cfg.ttt_mode == "phased" and cfg.phased_ttt_num_phases > 0:
             freeze_base(model, False)
             x = torch.randint(0, cfg.vocab_size, (min(cfg.global_ttt_batch_seqs, max(1, cfg.global_ttt_chunk_tokens // W)), W + 1), generator=g).to(device)
@@ -3302,7 +3553,17 @@ def resolve_run_dir(cfg: Config, rank: int, world: int) -> Path:
         taken = [n for n in ("summary.json", "final_model.ptz", "train.log") if (run_dir / n).exists()]
         obj[0] = str(run_dir) if not taken else "ERR:" + f"RUN_DIR={run_dir} already holds a run ({', '.join(taken)}); set a new RUN_ID or RUN_DIR"
         if not taken:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                if run_dir.exists() and not run_dir.is_dir():
+                    raise NotADirectoryError(0, "it exists and is not a folder")
+                run_dir.mkdir(parents=True, exist_ok=True)
+                # the run takes its folder by creating train.log exclusively: a second run started at the same moment
+                # with the same RUN_DIR (or default RUN_ID) fails here instead of interleaving one log
+                os.close(os.open(run_dir / "train.log", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                obj[0] = "ERR:" + f"RUN_DIR={run_dir} was just taken by another run (train.log); set a new RUN_ID or RUN_DIR"
+            except OSError as e:
+                obj[0] = "ERR:" + f"RUN_DIR={run_dir}: cannot create the run folder there ({e.strerror or e})"
     if world > 1:
         dist.broadcast_object_list(obj, src=0)
     if obj[0].startswith("ERR:"):
@@ -3368,7 +3629,9 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
         log("ttt", mode=cfg.ttt_mode, val_loss=tl, val_bpb=tb, eval_s=time.perf_counter() - t3)
         out.update(ttt_val_loss=tl, ttt_val_bpb=tb, ttt_seconds=time.perf_counter() - t3, final_val_loss=tl, final_val_bpb=tb, final_metric="ttt")
     out["eval_seconds"] = t_load + time.perf_counter() - t0
-    log("final", val_loss=out["final_val_loss"], val_bpb=out["final_val_bpb"], metric=out["final_metric"], eval_s=out["eval_seconds"])
+    out["valid_score"] = cfg.val_max_tokens <= 0  # a truncated validation set (VAL_MAX_TOKENS) gives no challenge score
+    log("final", val_loss=out["final_val_loss"], val_bpb=out["final_val_bpb"], metric=out["final_metric"], eval_s=out["eval_seconds"],
+        valid_score=out["valid_score"])
     return out
 
 
@@ -3410,10 +3673,12 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
         torch._dynamo.config.cache_size_limit = 64
     run_dir = resolve_run_dir(cfg, rank, world)
     log = Logger(run_dir / "train.log", rank)
+    ACTIVE_LOG[0] = log
     code, code_sha = code_info()
     if rank == 0:
         atomic_write_bytes(run_dir / "train_gpt.py", code)
-    log("config", **cfg.to_dict())
+    if not eval_only:  # eval-only logs the artifact's config once it is loaded
+        log("config", **cfg.to_dict())
     log("env", torch=torch.__version__, cuda=torch.version.cuda or "none", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         world_size=world, flash_attn=FLASH_ATTN or "none", attention=attention_kernel_name(cfg, device),
         mlp_kernel=mlp_kernel_name(cfg, device), code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
@@ -3435,9 +3700,7 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     sp, luts, val = load_eval_data(cfg, device)
     bos = sp.bos_id() if sp.bos_id() >= 0 else 1
     train_files = shard_files(cfg.data_path, "train")
-    first = load_shard(train_files[0])
-    if first.size and int(first[: 1 << 20].max()) >= cfg.vocab_size:
-        raise DataError(f"{train_files[0]}: token id >= VOCAB_SIZE={cfg.vocab_size}: vocab mismatch with the data")
+    TokenStream(train_files, vocab_size=cfg.vocab_size)  # fails now, with the file named, on empty shards or a vocab mismatch
     log("data", train_shards=len(train_files), train_tokens=sum(read_shard_header(f) for f in train_files), val_tokens=len(val) - 1,
         val_bytes=int(luts.bytes(val[:-1].to(device), val[1:].to(device), torch.arange(1, len(val), device=device)).sum().item()),
         val_bytes_from="sidecar" if luts.sidecar is not None else "luts",
@@ -3458,7 +3721,8 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     t0 = time.perf_counter()
     hessians = {}
     if cfg.quant == "gptq":
-        calib = DistributedLoader(train_files, rank, world, trainer.local_tokens, cfg.train_seq_len, device, prefetch=0, reverse=True)
+        calib = DistributedLoader(train_files, rank, world, trainer.local_tokens, cfg.train_seq_len, device, prefetch=0, reverse=True,
+                                  vocab_size=cfg.vocab_size)
         hessians = collect_hessians(model, calib, cfg.gptq_calibration_batches, device, world)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -3493,7 +3757,20 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
                    **ev, bytes_model=len(blob), bytes_code=len(code), bytes_total=bytes_total, artifact_sha256=art_sha,
                    compressor=cfg.compressor, quant_seconds=quant_s, train_time_ok=train_ok, eval_time_ok=eval_ok, size_ok=fits)
     write_summary(run_dir, summary, rank, log)
-    return fail_loudly(log, fits, train_ok, eval_ok, bytes_total, train_total, ev["eval_seconds"], cfg, code)
+    rc = fail_loudly(log, fits, train_ok, eval_ok, bytes_total, train_total, ev["eval_seconds"], cfg, code)
+    log_done(log, summary, run_dir, rc)
+    return rc
+
+
+def log_done(log: Logger, summary: dict, run_dir: Path, rc: int):
+    """The closing line: the score, whether it counts, bytes against the limit, times, where the files are."""
+    why = [] if summary.get("valid_score", True) else ["VAL_MAX_TOKENS_truncated_the_validation_set"]
+    why += [n for n, ok in (("over_16MB", summary.get("size_ok", True)), ("training_over_budget", summary.get("train_time_ok", True)),
+                            ("eval_over_budget", summary.get("eval_time_ok", True))) if not ok]
+    log("done", val_bpb=summary.get("final_val_bpb"), metric=summary.get("final_metric"), valid_score=summary.get("valid_score", True),
+        bytes_total=summary.get("bytes_total"), limit=BYTES_LIMIT, fits=summary.get("size_ok"), train_s=summary.get("train_plus_hessian_seconds", "na"),
+        eval_s=summary.get("eval_seconds"), rc=rc, problems=",".join(why) or "none", run_dir=run_dir,
+        files="train.log,summary.json" + (",final_model.ptz" if (run_dir / "final_model.ptz").exists() else ""))
 
 
 def packed_code_bound(code: bytes) -> int:
@@ -3528,12 +3805,17 @@ def run_eval_only(cfg: Config, artifact: Path, rank, world, device, log: Logger,
         raise DataError(f"--eval-only {artifact}: artifact file not found")
     t0 = time.perf_counter()
     blob = artifact.read_bytes()
-    overrides = {k: v for k, v in os.environ.items() if ALIASES.get(k, k) in EVAL_OVERRIDABLE}
+    known = {f.name for f in FIELDS}
+    overrides = {k: v for k, v in os.environ.items() if ALIASES.get(k, k) in known}
+    ignored: list[str] = []
     try:
-        qmodel, qcfg = load_artifact(blob, device, overrides)
-    except ValueError as e:
+        qmodel, qcfg = load_artifact(blob, device, overrides, ignored)
+    except ValueError as e:  # ConfigError too: the stored config failed the env checks
         raise DataError(f"--eval-only {artifact}: {e}") from None
     t_load = time.perf_counter() - t0
+    log("config", **qcfg.to_dict())  # the config in force: the artifact's, with the eval-side overrides
+    for item in ignored:
+        log("warning", msg=f"{item}_is_ignored_by_--eval-only:_the_artifact's_weights_fix_it_(eval-side_options:_DATA_PATH,_TOKENIZER_PATH,_EVAL_*,_TTT_*,...)")
     log("eval_only", artifact=artifact, bytes_model=len(blob), sha256=hashlib.sha256(blob).hexdigest())
     _, luts, val = load_eval_data(qcfg, device)
     ev = run_evals(qmodel, qcfg, val, luts, device, rank, world, log, t_load)
@@ -3542,7 +3824,31 @@ def run_eval_only(cfg: Config, artifact: Path, rank, world, device, log: Logger,
     summary = dict(base, config=qcfg.to_dict(), mode="eval_only", artifact=str(artifact), artifact_sha256=hashlib.sha256(blob).hexdigest(),
                    **ev, bytes_model=len(blob), bytes_total=bytes_total, eval_time_ok=eval_ok, size_ok=bytes_total <= BYTES_LIMIT)
     write_summary(run_dir, summary, rank, log)
-    return fail_loudly(log, bytes_total <= BYTES_LIMIT, True, eval_ok, bytes_total, 0.0, ev["eval_seconds"], qcfg)
+    rc = fail_loudly(log, bytes_total <= BYTES_LIMIT, True, eval_ok, bytes_total, 0.0, ev["eval_seconds"], qcfg)
+    log_done(log, summary, run_dir, rc)
+    return rc
+
+
+ACTIVE_LOG: list = [None]  # the running job's Logger: failures end its train.log too, not only stderr
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGINT) received: the run stops with one event line instead of a traceback."""
+
+
+def log_failure(line: str):
+    print(line, file=sys.stderr, flush=True)
+    log = ACTIVE_LOG[0]
+    if log is not None and log.rank == 0 and log.path is not None:
+        try:
+            with open(log.path, "a") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted("SIGTERM")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -3552,20 +3858,32 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "--eval-only" and len(argv) == 2:
             eval_only = argv[1]
         else:
-            print("usage: train_gpt.py [--eval-only ARTIFACT]   (everything else is configured by env vars)", file=sys.stderr)
-            return 2
+            print("usage: train_gpt.py [--eval-only ARTIFACT]\n"
+                  "Everything else is configured by env vars: see the env table in README.md (generated from FIELDS in this file),\n"
+                  "e.g. PRESET=smoke python train_gpt.py for a CPU smoke run.", file=sys.stderr)
+            return 0 if argv[0] in ("-h", "--help") else 2
     try:
         cfg = Config.from_env()
     except ConfigError as e:
         print(f"event:error msg:config: {e}", file=sys.stderr, flush=True)
         return 2
     rank, world, device = setup_distributed()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(cfg, rank, world, device, eval_only)
     except (ConfigError, DataError, TrainingError) as e:
-        print(f"event:error kind:{type(e).__name__} msg:{e}", file=sys.stderr, flush=True)
+        log_failure(f"event:error kind:{type(e).__name__} msg:{e}")
         return 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        sig = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
+        log_failure(f"event:interrupted signal:{sig} msg:stopped_by_{sig};_files_already_written_in_the_run_folder_are_complete")
+        return 130 if sig == "SIGINT" else 143
+    except Exception as e:  # an unexpected failure: its traceback follows, and the log says why it ended
+        log_failure(f"event:error kind:{type(e).__name__} msg:{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+        raise
     finally:
+        ACTIVE_LOG[0] = None
         if world > 1 and dist.is_initialized():
             # Collect cyclic garbage first (it may still hold the process group, which would then be torn down
             # during interpreter shutdown). Without it ~1 in 9 two-process gloo runs aborted at exit ("terminate

@@ -18,7 +18,9 @@ Without a manifest all val shards are fetched by probing index 0, 1, ... until o
 Every file is written to <name>.part and renamed only after it verifies (shards: magic 20240520,
 version 1, size == 1024 + 2*num_tokens, Content-Length and manifest size when known). Re-running
 resumes: files that exist AND verify are skipped; missing or invalid ones (0-byte, truncated, bad
-header) are downloaded again. Network errors are retried with exponential backoff.
+header) are downloaded again. Network errors are retried with exponential backoff, except before the host has
+answered once: then an unreachable host (no DNS, refused, no route, no answer within --probe-timeout) is an error at
+once, with a hint for working offline (PRESET=smoke, data/text_to_shards.py, --base-url file://...).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import ssl
 import struct
 import sys
@@ -47,6 +50,9 @@ MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
 SHARD_BYTES_EST = HEADER_BYTES + 2 * 100_000_000  # one full 1e8-token shard
 CHUNK = 1 << 20
 NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
+UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+OFFLINE_HINT = ("without network access use local data: PRESET=smoke python train_gpt.py (builds tiny data itself), "
+                "python data/text_to_shards.py (shards from your own text, data/README.md), or --base-url file:///mirror")
 
 
 class DownloadError(Exception):
@@ -118,10 +124,14 @@ class Item:
 
 # ------------------------------------------------------------------------------------------ network
 class Downloader:
-    def __init__(self, base: str, retries: int, backoff: float, timeout: float, token: str | None, log):
+    def __init__(self, base: str, retries: int, backoff: float, timeout: float, token: str | None, log,
+                 probe_timeout: float = 5.0):
         self.base, self.retries, self.backoff, self.timeout = base.rstrip("/"), retries, backoff, timeout
         self.token, self.log = token, log
         self.abort = threading.Event()
+        self.probe_timeout = probe_timeout
+        # Until the host has answered once, "cannot reach it" means offline (fail fast), not a blip worth retrying.
+        self.reached = urllib.parse.urlsplit(self.base).scheme not in ("http", "https")
 
     def url(self, remote: str) -> str:
         return f"{self.base}/{urllib.parse.quote(remote)}"
@@ -130,7 +140,34 @@ class Downloader:
         req = urllib.request.Request(url, headers={"User-Agent": "parameter-golf-downloader/1"})
         if self.token:  # not forwarded on redirects (the CDN's signed URLs reject extra auth)
             req.add_unredirected_header("Authorization", f"Bearer {self.token}")
-        return urllib.request.urlopen(req, timeout=self.timeout)
+        timeout = self.timeout if self.reached else min(self.timeout, self.probe_timeout)
+        try:
+            resp = urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError:
+            self.reached = True  # an HTTP error status is an answer
+            raise
+        self.reached = True
+        return resp
+
+    def unreachable(self, e: Exception) -> str | None:
+        """Why the host could not be reached at all (DNS, refused, no route, no answer), or None."""
+        if isinstance(e, urllib.error.HTTPError):
+            return None
+        r = e.reason if isinstance(e, urllib.error.URLError) else e
+        if isinstance(r, socket.gaierror):
+            return f"DNS lookup failed ({r.strerror or r})"
+        if isinstance(r, TimeoutError):
+            return f"no answer within {min(self.timeout, self.probe_timeout):g}s (--probe-timeout)"
+        if isinstance(r, OSError) and r.errno in UNREACHABLE_ERRNOS:
+            return r.strerror or str(r)
+        return None
+
+    def offline_error(self, url: str, why: str) -> "DownloadError":
+        host = urllib.parse.urlsplit(self.base).hostname or self.base
+        proxy = urllib.request.getproxies().get(urllib.parse.urlsplit(self.base).scheme)
+        via = f" through proxy {proxy}" if proxy and not urllib.request.proxy_bypass(host) else ""
+        return DownloadError(f"cannot reach {host}{via}: {why} (fetching {url}); downloading needs network access "
+                             f"to {host}; {OFFLINE_HINT}")
 
     @staticmethod
     def _classify(e: Exception, url: str) -> Exception:
@@ -157,6 +194,9 @@ class Downloader:
             try:
                 return attempt_fn()
             except NETWORK_ERRORS as e:
+                why = None if self.reached else self.unreachable(e)
+                if why:
+                    raise self.offline_error(url, why) from None
                 err = self._classify(e, url)
             except Transient as e:
                 err = e
@@ -226,6 +266,19 @@ def _open_write(path: Path):
         raise DownloadError(f"cannot write {path}: {e}") from None
 
 
+def make_dir(d: Path) -> None:
+    """mkdir -p with a clear error naming the path that is in the way."""
+    for anc in (d, *d.parents):
+        if anc.exists() or anc.is_symlink():
+            if not anc.is_dir():
+                raise DownloadError(f"cannot create folder {d}: {anc} is a file, expected a folder (check --out-dir)")
+            break
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create folder {d}: {e.strerror or e} (check --out-dir)") from None
+
+
 # ---------------------------------------------------------------------------------------------- plan
 def variant_vocab(variant: str) -> tuple[int, str]:
     m = re.fullmatch(r"sp(\d+)(_\w+)?", variant)
@@ -257,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retries", type=int, default=5)
     ap.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds (doubles, max 60)")
     ap.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
+    ap.add_argument("--probe-timeout", type=float, default=5.0,
+                    help="seconds to wait for the host's first answer; none (or no DNS, refused) = offline error")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -273,20 +328,21 @@ def run(args) -> int:
             sys.stdout.write(msg + "\n")
             sys.stdout.flush()
 
-    if args.train_shards < 0 or args.workers < 1 or args.retries < 0:
-        raise DownloadError("--train-shards must be >= 0, --workers >= 1, --retries >= 0")
+    if args.train_shards < 0 or args.workers < 1 or args.retries < 0 or args.timeout <= 0 or args.probe_timeout <= 0:
+        raise DownloadError("--train-shards must be >= 0, --workers >= 1, --retries >= 0, --timeout and "
+                            "--probe-timeout > 0")
     vocab, suffix = variant_vocab(args.variant)
     repo = os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO)
     prefix = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets")
     revision = os.environ.get("MATCHED_FINEWEB_REVISION", "main")
     base = args.base_url or f"https://huggingface.co/datasets/{repo}/resolve/{revision}"
     token = os.environ.get("HF_TOKEN") if not args.base_url else None
-    dl = Downloader(base, args.retries, args.backoff, args.timeout, token, log)
+    dl = Downloader(base, args.retries, args.backoff, args.timeout, token, log, args.probe_timeout)
     dataset = f"fineweb10B_{args.variant}"
     remote_dir = join(prefix, "datasets", dataset)
     data_dir, tok_dir = args.out_dir / "datasets" / dataset, args.out_dir / "tokenizers"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tok_dir.mkdir(parents=True, exist_ok=True)
+    for d in (data_dir, tok_dir):
+        make_dir(d)
     for stale in [*data_dir.glob("*.part"), *tok_dir.glob("*.part")]:  # left by a killed run
         stale.unlink()
         log(f"removed leftover {stale}")

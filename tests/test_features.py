@@ -317,7 +317,7 @@ def test_attn_out_gate_source_matters():
 
 @pytest.mark.parametrize("kw,expected", [
     (dict(XSA_LAST_N=-1), [1, 1, 1, 1]), (dict(XSA_LAST_N=0), [0, 0, 0, 0]), (dict(XSA_LAST_N=1), [0, 0, 0, 1]),
-    (dict(XSA_LAST_N=3), [0, 1, 1, 1]), (dict(XSA_LAST_N=99), [1, 1, 1, 1]),
+    (dict(XSA_LAST_N=3), [0, 1, 1, 1]), (dict(XSA_LAST_N=4), [1, 1, 1, 1]),  # > NUM_LAYERS is refused (test_hardening)
     (dict(XSA_LAST_N=None, XSA_LAYERS=2), [0, 0, 1, 1]), (dict(XSA_LAST_N=None, XSA_LAYERS=0), [0, 0, 0, 0]),
     (dict(XSA_LAST_N=None, XSA_LAYERS=-1), [1, 1, 1, 1]),
 ])
@@ -358,6 +358,7 @@ def test_rotary_partial_formula(r, base):
     assert torch.equal(y[..., r:], x[..., r:])  # dims beyond R untouched
     torch.testing.assert_close(y, ref_rope(x, r, base), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    assert torch.equal(tg.Rotary(r, base, max_len=4)(x), y)  # past the table: computed on the fly, the same values
     # relative positions: <rot(q)_t, rot(k)_{t-d}> is the same for every t
     q = torch.randn(1, 1, 1, 8, generator=g).expand(1, 10, 1, 8)
     k = torch.randn(1, 1, 1, 8, generator=g).expand(1, 10, 1, 8)
@@ -891,7 +892,8 @@ def test_valid_edge_configs():
     make_cfg(ROPE_DIMS=4, SHARED_HEAD_DIM=4)  # R + S == head_dim is allowed
     make_cfg(NUM_LOOPS=1, LOOP_START=0, LOOP_END=3)
     make_cfg(NUM_LOOPS=0, LOOP_START=9, LOOP_END=99)  # loop range is only checked when looping is on
-    make_cfg(VE_ENABLED=0, VE_LAYERS="7,8")  # ...and VE_LAYERS when VE is on
+    with pytest.raises(tg.ConfigError, match="VE_LAYERS"):  # VE_LAYERS is checked even with VE off (a typo waits for nobody)
+        make_cfg(VE_ENABLED=0, VE_LAYERS="7,8")
     make_cfg(PARALLEL_START_LAYER=3)
     make_cfg(WINDOW_PATTERN="sSlL")
 

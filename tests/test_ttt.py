@@ -163,6 +163,33 @@ def test_adapters_start_as_identity_and_rows_are_independent(setup):
         cfg.replace(TTT_TARGETS="q,attn")
 
 
+def test_padded_rows_and_slot_selection_change_no_score(setup):
+    """The compiled path's padding (min_rows: empty rows so that no step has one row) and the prefix-view slot
+    selection score and learn exactly as unpadded index_select steps; the warmup runs the scorer on random documents
+    and leaves the base weights as they were."""
+    cfg, sd, luts, val = setup
+    model = tg.GPT(cfg)
+    model.load_state_dict(sd)
+    model.looping_active = True
+    model.eval()
+    tg.freeze_base(model, True)
+    docs = sorted(tg.ttt_documents(val, model.bos_id), key=lambda d: -d[1])[:cfg.ttt_docs_per_batch]
+    assert len({-(-(n - 1) // cfg.ttt_chunk_size) for _, n in docs}) > 1  # documents end at different steps
+    n_virtual = len(tg.layer_order(cfg, True))
+    got = []
+    for min_rows in (1, cfg.ttt_docs_per_batch):
+        ad = tg.TTTAdapters(cfg, n_virtual, cfg.ttt_docs_per_batch, CPU, 5)
+        acc, nll = torch.zeros(3, dtype=torch.float64), torch.full((len(val),), float("nan"), dtype=torch.float64)
+        tg.ttt_score_batch(model, model, cfg, ad, val, docs, luts, CPU, acc, nll, min_rows=min_rows)
+        got.append((acc, nll, {k: v.detach().clone() for k, v in ad.b.items()}))
+    (a1, n1, b1), (a2, n2, b2) = got
+    assert torch.allclose(a1, a2, rtol=1e-12) and torch.allclose(n1, n2, rtol=1e-9, equal_nan=True)
+    assert all(torch.allclose(b1[k], b2[k], atol=1e-7) for k in b1) and any(b.abs().sum() > 0 for b in b1.values())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert tg.warm_ttt(model, model, cfg, CPU) >= 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_config_defaults_are_record_1855():
     c = tg.Config.from_env({})
     assert (c.ttt_enabled, c.ttt_mode, c.ttt_lora_rank, c.ttt_lora_alpha, c.ttt_lr, c.ttt_beta1, c.ttt_beta2, c.ttt_weight_decay) == \
