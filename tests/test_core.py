@@ -55,6 +55,12 @@ def test_unknown_knob_warns():
     assert not any("HOME" in w for w in warnings)
 
 
+def test_every_field_has_a_group():
+    groups = {"run", "model", "attention", "training", "optimizer", "quantization", "eval", "ttt", "systems"}
+    assert all(f.group in groups for f in tg.FIELDS), [f.name for f in tg.FIELDS if f.group not in groups]
+    assert len({f.name for f in tg.FIELDS}) == len(tg.FIELDS)
+
+
 def test_readme_env_table_in_sync():
     readme = (ROOT / "README.md").read_text()
     assert tg.env_table_markdown() in readme, "README env table is stale: run `python tools/gen_env_table.py`"
