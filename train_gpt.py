@@ -1200,10 +1200,37 @@ class MLPFusedGrad(torch.autograd.Function):
         return (dpre @ w1 if need[0] else None, dpre.t() @ x if need[1] else None, dy.t() @ act if need[2] else None,
                 None, None, None)
 
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "parallel_",
-                    "attn_gate_w", "attn_out_gate_w", "attn_gate_bias", "smear_", "vr_lambdas", "ve_layer_scales",
-                    "ve_scale", "bigram_scale")
-EMBED_NAMES = ("tok_emb.weight", "bigram_table.weight", "ve_shared.weight")
+# Parameter roles, declared where each parameter is created: "<optimizer group>/<quantization class>".
+# Optimizer groups: muon (block matrices, bigram/VE projections), embed (token-indexed tables), head (an untied
+# output head), scalar (vectors and control tensors). Quantization classes (quant_plan): tok_emb, head, table
+# (other token-indexed tables), attn / mlp (block matrices, their clip sigmas), gate (small attention gate matrices:
+# GATE_QUANT_INT8), matrix (other matrices), control (scales, lambdas, gains: passthrough).
+ROLE_OPT = ("muon", "embed", "head", "scalar")
+ROLE_QUANT = ("tok_emb", "head", "table", "attn", "mlp", "gate", "matrix", "control")
+
+
+def declare(module: nn.Module, **roles: str) -> None:
+    """Declare the roles of `module`'s own parameters (local name -> "opt/quant")."""
+    for name, role in roles.items():
+        opt, _, quant = role.partition("/")
+        assert opt in ROLE_OPT and quant in ROLE_QUANT, f"bad role {role!r} for {name}"
+    if "param_roles" not in module.__dict__:
+        module.param_roles = {}
+    module.param_roles.update(roles)
+
+
+def param_roles(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Full parameter name -> (optimizer group, quantization class); every parameter has exactly one role."""
+    roles = {}
+    for mname, mod in model.named_modules():
+        for local, role in mod.__dict__.get("param_roles", {}).items():
+            if getattr(mod, local, None) is not None:  # a declared but absent parameter (feature off) has no role
+                roles[f"{mname}.{local}" if mname else local] = tuple(role.split("/"))
+    names = [n for n, _ in model.named_parameters()]
+    missing = [n for n in names if n not in roles]
+    if missing or len(roles) != len(names):
+        raise AssertionError(f"parameters without a declared role: {missing}; roles without a parameter: {sorted(set(roles) - set(names))}")
+    return roles
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1220,9 +1247,10 @@ def tie_shared_rows(w: torch.Tensor, heads: int, d: int, shared: int) -> torch.T
 class CastedLinear(nn.Module):
     """fp32 master weight, computed in the autocast dtype. `shared` ties head rows (SHD)."""
 
-    def __init__(self, in_f: int, out_f: int, zero_init: bool = False, ortho_init: bool = False):
+    def __init__(self, in_f: int, out_f: int, role: str, zero_init: bool = False, ortho_init: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_f, in_f))
+        declare(self, weight=role)
         if zero_init:
             nn.init.zeros_(self.weight)
         elif ortho_init:
@@ -1319,19 +1347,20 @@ class Attention(nn.Module):
         super().__init__()
         dim, H, Hkv, D = cfg.model_dim, cfg.n_heads, cfg.num_kv_heads, cfg.d_head
         self.cfg, self.layer, self.H, self.Hkv, self.D = cfg, layer, H, Hkv, D
-        self.c_q = CastedLinear(dim, H * D, ortho_init=True)
-        self.c_k = CastedLinear(dim, Hkv * D, ortho_init=True)
-        self.c_v = CastedLinear(dim, Hkv * D, ortho_init=True)
-        self.proj = CastedLinear(H * D, dim, zero_init=True)
+        self.c_q = CastedLinear(dim, H * D, "muon/attn", ortho_init=True)
+        self.c_k = CastedLinear(dim, Hkv * D, "muon/attn", ortho_init=True)
+        self.c_v = CastedLinear(dim, Hkv * D, "muon/attn", ortho_init=True)
+        self.proj = CastedLinear(H * D, dim, "muon/attn", zero_init=True)
         if cfg.shared_head_dim:
             self.c_q.shared, self.c_k.shared = (H, D, cfg.shared_head_dim), (Hkv, D, cfg.shared_head_dim)
         self.q_gain = nn.Parameter(torch.full((H,), cfg.qk_gain_init))
+        declare(self, q_gain="scalar/control", attn_gate_bias="scalar/control", attn_out_gate_w="scalar/gate", attn_gate_w="scalar/gate")
         self.rotary = Rotary(cfg.rope_dims or D, cfg.rope_base, max(cfg.train_seq_len, cfg.eval_seq_len, cfg.ttt_eval_seq_len))
         self.window = cfg.layer_windows()[layer]
         n_xsa = cfg.num_layers if cfg.xsa_last_n < 0 else cfg.xsa_last_n
         self.xsa = layer >= cfg.num_layers - n_xsa
         if cfg.gated_attention:  # PR #487: sigmoid(W h + b), W (Muon) zero, b = 4
-            self.attn_gate = CastedLinear(dim, H, zero_init=True)
+            self.attn_gate = CastedLinear(dim, H, "muon/gate", zero_init=True)
             self.attn_gate_bias = nn.Parameter(torch.full((H,), 4.0))
         if cfg.attn_out_gate:  # AttnOutGate: 2*sigmoid(A x[:W]), zero init = identity
             self.attn_out_gate_w = nn.Parameter(torch.zeros(H, cfg.gate_width))
@@ -1341,9 +1370,10 @@ class Attention(nn.Module):
         if self.has_ve:
             if cfg.ve_dim == 0:  # autoresearch: a full kv_dim table per VE layer
                 self.ve_table = nn.Embedding(cfg.vocab_size, Hkv * D)
+                declare(self.ve_table, weight="embed/table")
                 nn.init.uniform_(self.ve_table.weight, -(3 ** 0.5) * dim ** -0.5, (3 ** 0.5) * dim ** -0.5)
             if cfg.ve_gate == "learned":
-                self.ve_gate = CastedLinear(cfg.ve_gate_width, Hkv, zero_init=True)
+                self.ve_gate = CastedLinear(cfg.ve_gate_width, Hkv, "muon/attn", zero_init=True)
 
     def attend(self, q, k, v, masks):
         """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D], causal within this layer's window (and, with a
@@ -1415,8 +1445,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.model_dim)
-        self.fc = CastedLinear(cfg.model_dim, hidden, ortho_init=True)
-        self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
+        self.fc = CastedLinear(cfg.model_dim, hidden, "muon/mlp", ortho_init=True)
+        self.proj = CastedLinear(hidden, cfg.model_dim, "muon/mlp", zero_init=True)
         self.slope = cfg.leaky_slope
         self.cfg = cfg
 
@@ -1443,6 +1473,7 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
+        declare(self, attn_scale="scalar/control", mlp_scale="scalar/control", resid_mix="scalar/control")
         s = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
         self.s_in, self.s_out = (s, 1.0) if cfg.ln_scale_mode == "input" else (1.0, s)
 
@@ -1554,8 +1585,12 @@ class GPT(nn.Module):
         self.cfg, self.bos_id = cfg, bos_id
         V, dim, L = cfg.vocab_size, cfg.model_dim, cfg.num_layers
         self.tok_emb = nn.Embedding(V, dim)
+        declare(self.tok_emb, weight="embed/tok_emb")
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, V, zero_init=True)
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, V, "head/head", zero_init=True)
+        declare(self, bigram_scale="scalar/control", smear_gamma="scalar/control", smear_w="scalar/control", smear_lambda="scalar/control",
+                ve_scale="scalar/control", ve_layer_scales="scalar/control", vr_lambdas="scalar/control", skip_weights="scalar/control",
+                skip_gates="scalar/control", parallel_resid_lambdas="scalar/control", parallel_post_lambdas="scalar/control")
         # Optional embedding-side features draw their random init from a private generator, so that
         # switching one on never shifts the init of the rest of the model (same SEED, same trunk).
         side = lambda salt: torch.Generator().manual_seed((torch.initial_seed() + salt) % 2 ** 63)
@@ -1563,7 +1598,8 @@ class GPT(nn.Module):
             # Table zero (transparent at init), projection orthogonal: the seeds' _init_weights overwrites
             # their zeros_ of this projection; with both factors zero no gradient would ever reach either.
             self.bigram_table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim, _weight=torch.zeros(cfg.bigram_buckets, cfg.bigram_dim))
-            self.bigram_proj = CastedLinear(cfg.bigram_dim, dim, zero_init=True)
+            declare(self.bigram_table, weight="embed/table")
+            self.bigram_proj = CastedLinear(cfg.bigram_dim, dim, "muon/matrix", zero_init=True)
             nn.init.orthogonal_(self.bigram_proj.weight, generator=side(1))
             self.bigram_scale = nn.Parameter(torch.tensor(0.05))
         if cfg.smear_gate and cfg.smear_gate_mode == "v1":
@@ -1573,8 +1609,9 @@ class GPT(nn.Module):
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         if cfg.ve_layer_ids() and cfg.ve_dim > 0:
             self.ve_shared = nn.Embedding(V, cfg.ve_dim, _weight=torch.empty(V, cfg.ve_dim))
+            declare(self.ve_shared, weight="embed/table")
             nn.init.normal_(self.ve_shared.weight, std=0.01, generator=side(2))
-            self.ve_proj = CastedLinear(cfg.ve_dim, cfg.num_kv_heads * cfg.d_head, zero_init=True)
+            self.ve_proj = CastedLinear(cfg.ve_dim, cfg.num_kv_heads * cfg.d_head, "muon/matrix", zero_init=True)
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(L))  # used by the shared table only
         if cfg.value_residual:
@@ -1799,18 +1836,11 @@ class Muon(torch.optim.Optimizer):
 
 
 def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """muon: 2-D matrices inside blocks (+ bigram/VE projections); embed: token-indexed tables;
-    head: an untied output head; scalar: every vector and every control tensor."""
-    groups: dict[str, list] = {"muon": [], "embed": [], "head": [], "scalar": []}
+    """Parameters by their declared optimizer group (muon / embed / head / scalar)."""
+    roles = param_roles(model)
+    groups: dict[str, list] = {g: [] for g in ROLE_OPT}
     for name, p in model.named_parameters():
-        if name in EMBED_NAMES or name.endswith("ve_table.weight"):
-            groups["embed"].append((name, p))
-        elif name == "lm_head.weight":
-            groups["head"].append((name, p))
-        elif p.ndim == 2 and not any(c in name for c in CONTROL_PATTERNS) and (name.startswith("blocks.") or name.startswith(("bigram_proj", "ve_proj"))):
-            groups["muon"].append((name, p))
-        else:
-            groups["scalar"].append((name, p))
+        groups[roles[name][0]].append((name, p))
     return groups
 
 
@@ -2933,7 +2963,7 @@ def collect_hessians(model: GPT, loader: DistributedLoader, n_batches: int, devi
         H[name].addmm_(x.T, x)
 
     for mname, mod in model.named_modules():
-        if isinstance(mod, CastedLinear) and mname.startswith("blocks.") and min(mod.weight.shape) > 1:
+        if isinstance(mod, CastedLinear) and mod.param_roles["weight"].split("/")[1] in ("attn", "mlp", "gate") and min(mod.weight.shape) > 1:
             hooks.append(mod.register_forward_pre_hook(lambda m, inp, n=mname + ".weight": add(n, inp[0])))
     head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
     was_training = model.training
@@ -2954,27 +2984,30 @@ def collect_hessians(model: GPT, loader: DistributedLoader, n_batches: int, devi
     return H
 
 
-def quant_plan(cfg: Config) -> Callable:
+def quant_plan(cfg: Config, roles: Mapping[str, tuple[str, str]]) -> Callable:
+    """Storage of each state tensor by its declared quantization class (`param_roles`); matrices of more than
+    65,536 elements are quantized, smaller tensors pass through as fp16 (gates as int8 rows with GATE_QUANT_INT8)."""
     mb, eb = cfg.matrix_bits, cfg.embed_bits
 
     def plan(name: str, t: torch.Tensor):
+        cls = roles[name][1] if name in roles else "control"
         big = t.ndim == 2 and t.numel() > 65536
         if cfg.quant == "int8" and big:
             return ("int8_row",)
         kind = "gptq" if cfg.quant == "gptq" else "rtn"
-        if name == "tok_emb.weight":
+        if cls == "tok_emb":
             return (kind if cfg.tie_embeddings else "rtn", eb, cfg.embed_clip_sigmas)
-        if name == "lm_head.weight":
+        if cls == "head":
             return (kind, mb, cfg.matrix_clip_sigmas)
-        if name.endswith(("ve_table.weight", "ve_shared.weight", "bigram_table.weight")) and big:
+        if cls == "table" and big:
             return ("rtn", eb, cfg.embed_clip_sigmas)
-        if name.startswith("blocks.") and big and ".attn." in name:
+        if cls in ("attn", "gate") and big:
             return (kind, mb, cfg.attn_clip_sigmas)
-        if name.startswith("blocks.") and big and ".mlp." in name:
+        if cls == "mlp" and big:
             return (kind, mb, cfg.mlp_clip_sigmas)
         if big:
             return ("rtn", mb, cfg.matrix_clip_sigmas)
-        if cfg.gate_quant_int8 and t.ndim == 2 and 32 <= t.numel() <= 8192 and re.search(r"attn_gate_w|attn_out_gate_w|attn_gate\.weight", name):
+        if cfg.gate_quant_int8 and cls == "gate" and t.ndim == 2 and 32 <= t.numel() <= 8192:
             return ("int8_row",)
         return ("fp16",) if t.is_floating_point() else ("raw",)
     return plan
@@ -2982,7 +3015,7 @@ def quant_plan(cfg: Config) -> Callable:
 
 def quantize_model(model: GPT, cfg: Config, hessians: dict) -> tuple[dict, dict]:
     sd = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
-    return quantize_state_dict(sd, hessians, quant_plan(cfg), lqer_rank=cfg.lqer_rank if cfg.lqer_enabled else 0,
+    return quantize_state_dict(sd, hessians, quant_plan(cfg, param_roles(model)), lqer_rank=cfg.lqer_rank if cfg.lqer_enabled else 0,
                                lqer_top_k=cfg.lqer_top_k, lqer_group=cfg.lqer_group, block_size=cfg.gptq_block_size,
                                damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, on_missing_hessian="rtn")
 

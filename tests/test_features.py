@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import train_gpt as tg
@@ -922,3 +923,25 @@ def test_parallel_skip_placement_changes_the_first_parallel_layer_only():
                 out[mode, par] = m.forward_logits(ids)
     assert not torch.allclose(out["lane0", 2], out["both", 2])
     assert torch.equal(out["lane0", 0], out["both", 0])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(VE_ENABLED=1, VE_DIM=0, VALUE_RESIDUAL=1, BIGRAM_HASH=1, TIE_EMBEDDINGS=0, SMEAR_GATE_MODE="v1",
+                                         SPARSE_ATTN_GATE=0, GATED_ATTENTION=1),
+                                dict(VE_ENABLED=1, VE_DIM=8, VE_GATE="learned", SPARSE_ATTN_GATE=0, ATTN_OUT_GATE=1, SKIP_GATES_ENABLED=0),
+                                dict(PARALLEL_START_LAYER=0, NUM_LOOPS=0, UNET_SKIPS=0, SMEAR_GATE=0)])
+def test_every_parameter_has_one_declared_role(kw):
+    """Optimizer group and quantization class are declared where each parameter is created (no name tables)."""
+    m = tg.GPT(make_cfg(**kw))
+    roles = tg.param_roles(m)
+    assert sorted(roles) == sorted(n for n, _ in m.named_parameters())
+    assert all(o in tg.ROLE_OPT and q in tg.ROLE_QUANT for o, q in roles.values())
+    groups = tg.param_groups(m)
+    assert sum(len(v) for v in groups.values()) == len(roles)
+    assert roles["tok_emb.weight"] == ("embed", "tok_emb") and roles["blocks.0.attn.c_q.weight"] == ("muon", "attn")
+    assert roles["blocks.0.mlp.fc.weight"] == ("muon", "mlp") and roles["blocks.0.resid_mix"] == ("scalar", "control")
+    for name, (opt, _) in roles.items():  # every matrix of a block is Muon's unless it is a gate/control vector
+        if name.startswith("blocks.") and name.endswith(".weight") and "ve_table" not in name:
+            assert opt == "muon", name
+    m.extra = nn.Parameter(torch.zeros(3))  # a parameter added without a role is caught
+    with pytest.raises(AssertionError, match="without a declared role.*extra"):
+        tg.param_roles(m)
