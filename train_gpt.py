@@ -2035,6 +2035,14 @@ class Trainer:
         self.log("warmup", steps=cfg.warmup_steps, loop_modes=len(modes), steps_run=cfg.warmup_steps * len(modes),
                  seconds=time.perf_counter() - t0, rolled_back=1)
 
+    def hard_stop_margin_ms(self, elapsed_ms: float, steps: int) -> float:
+        """What must still fit in MAX_WALLCLOCK_SECONDS after this step: one more step (the stop flag is read a step
+        late) and the GPTQ Hessian pass, estimated as GPTQ_CALIBRATION_BATCHES micro-steps. With the default reserve
+        (8 s) this never binds; with GPTQ_RESERVE_SECONDS=0 it is what keeps train + Hessians inside the budget."""
+        step_ms = elapsed_ms / max(steps, 1)
+        hess_ms = step_ms / self.accum * self.cfg.gptq_calibration_batches if self.cfg.quant == "gptq" else 0.0
+        return 2 * step_ms + hess_ms
+
     def train(self, evaluate: Callable[[], tuple[float, float]] | None) -> dict:
         cfg, dev = self.cfg, self.device
         budget_ms = 1000 * (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if cfg.max_wallclock_seconds > 0 else 0.0
@@ -2060,7 +2068,9 @@ class Trainer:
             nonfinite |= ~torch.isfinite(loss)
             step += 1
             elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-            flag = torch.stack([torch.tensor(float(budget_ms > 0 and elapsed_ms >= budget_ms), device=dev), nonfinite.float()])
+            out_of_time = budget_ms > 0 and (elapsed_ms >= budget_ms or elapsed_ms + self.hard_stop_margin_ms(
+                elapsed_ms, step) >= 1000 * cfg.max_wallclock_seconds)
+            flag = torch.stack([torch.tensor(float(out_of_time), device=dev), nonfinite.float()])
             work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True) if self.world > 1 else None
             if step % cfg.train_log_every == 0 or step == 1:
                 if self.world > 1:  # log the global mean loss, not rank 0's share

@@ -112,7 +112,10 @@ def _count_replace(e: UnicodeError):
     return "\ufffd", e.end  # what the built-in "replace" handler returns
 
 
-codecs.register_error("text_to_shards_replace", _count_replace)
+# The name is unique to this module object: a second load of this file (tests load it more than once) registers its
+# own handler instead of redirecting the first one's count.
+_REPLACE_ERRORS = f"text_to_shards_replace_{id(_replaced):x}"
+codecs.register_error(_REPLACE_ERRORS, _count_replace)
 
 
 def first_invalid_utf8(path: Path) -> tuple[int, int, int] | None:
@@ -145,7 +148,7 @@ def iter_docs(path: Path, text_key: str = "text", txt_mode: str = "blank", error
         raise ShardError(f"errors must be strict or replace, got {errors!r}")
     try:
         yield from _iter_docs(path, kind, text_key, txt_mode,
-                              "strict" if errors == "strict" else "text_to_shards_replace")
+                              "strict" if errors == "strict" else _REPLACE_ERRORS)
     except UnicodeDecodeError as e:
         bad = first_invalid_utf8(path)
         where = (f"byte offset {bad[0]} (line {bad[2]}, byte 0x{bad[1]:02x})" if bad else f"near byte {e.start}")

@@ -265,3 +265,12 @@ def test_truncated_val_is_not_a_valid_score(tmp_path):
     assert s["valid_score"] is False
     done = events(r.stdout, "done")[0]
     assert done["valid_score"] == "0" and "VAL_MAX_TOKENS" in done["problems"]
+
+
+def test_zero_gptq_reserve_still_fits_the_budget(tmp_path):
+    """seed003's row: with GPTQ_RESERVE_SECONDS=0 the loop used to overrun by a fraction of a step ("took
+    30.4s>30.0s"); it now stops early enough that training + Hessians fit MAX_WALLCLOCK_SECONDS."""
+    r = run_train(tmp_path, dict(PRESET="smoke", RUN_ID="z", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="6", GPTQ_RESERVE_SECONDS="0"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    s = json.loads((tmp_path / "runs" / "z" / "summary.json").read_text())
+    assert s["stop_reason"] == "wallclock" and s["train_plus_hessian_seconds"] <= 6.0 and s["train_time_ok"]
