@@ -1,7 +1,8 @@
 """Parameter Golf training script: one file, configured only by environment variables.
 
 Pipeline (top to bottom, as it runs): config -> data -> model -> optimizers -> training loop
--> quantization + packing -> evaluation -> main.
+-> artifact (quantization) -> evaluation -> main; then the machinery the recipe calls into, as appendices:
+A. kernels (chosen once per device by resolve_kernels), B. artifact containers, C. codecs.
 
   torchrun --standalone --nproc_per_node=8 train_gpt.py      # the 8xH100 job (needs data/)
   PRESET=smoke python train_gpt.py                             # whole pipeline on a CPU, embedded tiny data
@@ -101,6 +102,7 @@ FIELDS: list[Field] = [
         _f("MLP_MULT", float, 4.0, "MLP hidden = MLP_MULT * MODEL_DIM"),
         _f("TIE_EMBEDDINGS", bool, True, "tie the output head to the token embedding"),
         _f("TIED_EMBED_INIT_STD", float, 0.005, "std of the (tied) embedding init"),
+        _f("PROJ_INIT", str, "zero", "attention / MLP output projections: zero (record) | ortho_scaled (orthogonal x 1/sqrt(2 NUM_LAYERS): PR #487)", choices=("zero", "ortho_scaled")),
         _f("LOGIT_SOFTCAP", float, 30.0, "c*tanh(logits/c) before CE in every path; 0 = off"),
         _f("LN_SCALE", bool, True, "depth damping 1/sqrt(layer+1)"),
         _f("LN_SCALE_MODE", str, "input", "input: scale the normed sub-block inputs (PG standard); output: scale the residual writes (PR #1125)", choices=("input", "output")),
@@ -110,6 +112,7 @@ FIELDS: list[Field] = [
         _f("SMEAR_GATE", bool, True, "SmearGate on the embedding stream", aliases=("SMEAR_GATE_ENABLED",)),
         _f("SMEAR_GATE_MODE", str, "v2", "v1: static per-channel blend (PR #65/#487); v2: x + l*sigmoid(w x[:W]) x_prev (PR #1667)", choices=("v1", "v2")),
         _f("SMEAR_GATE_WIDTH", int, 0, "v2 gate width; 0 = GATE_WIDTH"),
+        _f("SMEAR_GATE_NORM", str, "before", "where the v2 gate acts: before the embedding RMSNorm (PR #1667/#1855) | after it (PR #1969)", choices=("before", "after")),
         _f("SMEAR_BOS_FIX", bool, True, "no smearing into a BOS position (nothing crosses a document boundary)", aliases=("SMEAR_GATE_BOS_FIX",)),
         _f("BIGRAM_HASH", bool, False, "hashed bigram embedding added before the embedding norm"),
         _f("BIGRAM_BUCKETS", int, 2048, "BigramHash buckets", aliases=("BIGRAM_VOCAB_SIZE",)),
@@ -119,6 +122,7 @@ FIELDS: list[Field] = [
         _f("LOOP_END", int, 5, "last looped physical layer (inclusive)"),
         _f("ENABLE_LOOPING_AT", float, 0.35, "training fraction at which looping switches on (stays on for eval)"),
         _f("PARALLEL_START_LAYER", int, 8, "two-lane parallel residual decoder from this physical layer; 0 = off"),
+        _f("PARALLEL_MODE", str, "lanes", "lanes: two residual lanes, attention reads lane 0, MLP lane 1, learned mixes (PR #1204/#1529; decoder layers) | gptj: one stream, attention and MLP both read the block input and add into it (PR #1493/#1774; every layer from PARALLEL_START_LAYER)", choices=("lanes", "gptj")),
         _f("PARALLEL_RESID_INIT", float, 1.1, "init of the parallel-lane residual lambdas"),
         _f("PARALLEL_SKIP", str, "lane0", "U-Net skip at the first parallel layer: lane0 (into lane 0 only, after the lanes split: record #1855) | both (added before the split)", choices=("lane0", "both")),
     ]),
@@ -126,7 +130,8 @@ FIELDS: list[Field] = [
         _f("NUM_HEADS", int, 8, "query heads"),
         _f("HEAD_DIM", int, 0, "if >0: num_heads = MODEL_DIM / HEAD_DIM (overrides NUM_HEADS)"),
         _f("NUM_KV_HEADS", int, 4, "key/value heads (GQA; 1 = MQA; = NUM_HEADS for MHA)"),
-        _f("QK_GAIN_INIT", float, 5.0, "init of the learned per-head query gain"),
+        _f("QK_GAIN_INIT", float, 5.0, "init of the learned per-head query gain (its fixed value with QK_GAIN_LEARNED=0)"),
+        _f("QK_GAIN_LEARNED", bool, True, "learn the per-head query gain; 0 = a fixed QK_GAIN_INIT (1.0 = no gain: plain QK-norm, autoresearch)"),
         _f("ROPE_BASE", float, 10000.0, "RoPE base"),
         _f("ROPE_DIMS", int, 16, "rotate only the first ROPE_DIMS dims of each head; 0 = all", aliases=("PARTIAL_ROPE_DIMS",)),
         _f("XSA_LAST_N", int, -1, "exclusive self-attention on the last N physical layers; -1 = all, 0 = off", aliases=("XSA_LAYERS",)),
@@ -139,10 +144,8 @@ FIELDS: list[Field] = [
         _f("VE_GATE", str, "learned", "learned: 2*sigmoid(G h[:w]) per KV head; fixed: gate 1", choices=("learned", "fixed")),
         _f("VE_GATE_WIDTH", int, 32, "input channels of the learned VE gate"),
         _f("VALUE_RESIDUAL", bool, False, "mix layer-0 V into every later layer: v = l0*v0 + l1*v (PR #487)"),
-        _f("GATED_ATTENTION", bool, False, "per-head sigmoid(W h + b) output gate, bias init 4 (PR #487)"),
-        _f("ATTN_OUT_GATE", bool, False, "AttnOutGate 2*sigmoid(A x[:GATE_WIDTH]) per head, zero init (PR #1667/#1969)", aliases=("GATE_ATTN_OUT",)),
+        _f("ATTN_GATE", str, "sparse", "attention output gate, one per head: sparse = SparseAttnGate sigmoid(scale * W u[:GATE_WIDTH]), zero init (PR #1787) | out = AttnOutGate 2*sigmoid(A x[:GATE_WIDTH]), zero init (PR #1667/#1969) | gated = sigmoid(W h + b), bias init 4 (PR #487) | none. The old switches GATED_ATTENTION / ATTN_OUT_GATE (GATE_ATTN_OUT) / SPARSE_ATTN_GATE (SPARSE_ATTN_GATE_ENABLED) = 1 pick one; SPARSE_ATTN_GATE=0 alone = none", choices=("sparse", "out", "gated", "none")),
         _f("GATE_ATTN_SRC", str, "resid", "AttnOutGate input: resid (x_in, #1969) | proj (normed block input, #1667)", choices=("resid", "proj")),
-        _f("SPARSE_ATTN_GATE", bool, True, "SparseAttnGate sigmoid(scale * W u[:GATE_WIDTH]) per head, zero init (PR #1787)", aliases=("SPARSE_ATTN_GATE_ENABLED",)),
         _f("SPARSE_ATTN_GATE_SCALE", float, 0.5, "scale inside the SparseAttnGate sigmoid"),
         _f("GATE_WIDTH", int, 12, "input width of the attention output gates (and default SmearGate width)", aliases=("GATE_WINDOW",)),
         _f("DOC_ATTENTION", bool, False, "training attention never crosses a BOS: each micro-batch is one packed sequence, documents cut every TRAIN_SEQ_LEN tokens from their start (the records' varlen layout); varlen flash kernel when available"),
@@ -177,6 +180,7 @@ FIELDS: list[Field] = [
         _f("MUON_NS_COEFFS", str, "polar", "polar (Polar-Express per-step coefficients) | stock (3.4445,-4.775,2.0315)", choices=("polar", "stock")),
         _f("MUON_ROW_NORMALIZE", bool, True, "MuonEq-R: normalize update rows before Newton-Schulz"),
         _f("MUON_WD", float, 0.095, "decoupled weight decay of Muon matrices", aliases=("WEIGHT_DECAY_MUON",)),
+        _f("MUON_WD_SCHEDULE", str, "constant", "constant (MUON_WD throughout, times the LR schedule) | linear (MUON_WD * (1 - training progress): autoresearch)", choices=("constant", "linear")),
         _f("EMBED_WD", float, 0.085, "AdamW weight decay of embeddings"),
         _f("ADAM_WD", float, 0.02, "AdamW weight decay of scalars", aliases=("WEIGHT_DECAY_ADAM",)),
         _f("BETA1", float, 0.9, "AdamW beta1"),
@@ -196,11 +200,15 @@ FIELDS: list[Field] = [
         _f("GPTQ_BLOCK_SIZE", int, 128, "GPTQ column block"),
         _f("GPTQ_DAMP", float, 0.01, "GPTQ damping as a fraction of mean(diag H)"),
         _f("GPTQ_ACT_ORDER", bool, True, "GPTQ columns in descending diag(H) order"),
+        _f("FP16_TENSORS", str, "", "comma-separated state tensor names stored as fp16, unquantized (PR #487's production run: tok_emb.weight and the last two layers' attn.c_k.weight)"),
         _f("GATE_QUANT_INT8", bool, True, "store small attention gate matrices as per-row int8", aliases=("GATED_ATTN_QUANT_GATE",)),
         _f("LQER_ENABLED", bool, False, "low-rank (INT2 A / INT4 B) correction of the worst quantization errors"),
         _f("LQER_RANK", int, 4, "LQER rank"),
         _f("LQER_TOP_K", int, 3, "LQER on the K tensors with the largest error"),
         _f("LQER_GROUP", int, 64, "LQER INT4 group size", aliases=("LQER_ASYM_GROUP",)),
+        _f("BROTLI_LGWIN", int, 24, "brotli window log2 (10..24; brotli's own default is 22, the seeds' #1774/#1969)"),
+        _f("LZMA_PRESET", int, 9, "lzma preset 0..9 (the seeds' #1774/#1969 use 6)"),
+        _f("LZMA_EXTREME", bool, True, "lzma's EXTREME flag on top of LZMA_PRESET (the seeds use 0)"),
         _f("COMPRESSOR", str, "brotli", "brotli (q11 + byte shuffle) | zstd | lzma | pergroup (int8 weights by role, rows L1-sorted, best codec per group incl. lrzip when installed: record #1855)", choices=("brotli", "zstd", "lzma", "pergroup")),
     ]),
     *group("eval", [  # evaluation
@@ -241,11 +249,29 @@ FIELDS: list[Field] = [
         _f("ATTN_BACKEND", str, "auto", "auto | flash (flash-attn 3/2) | fa4 (flash-attn-4, CuTe DSL) | sdpa | flex (FlexAttention)", choices=("auto", "flash", "fa4", "sdpa", "flex")),
         _f("MLP_KERNEL", str, "auto", "MLP backward: auto (triton on Hopper+ once its check passes) | triton (the dgrad GEMM with the LeakyReLU^2 derivative in its epilogue) | torch", choices=("auto", "triton", "torch")),
         _f("COMPILE", bool, True, "torch.compile the model and Newton-Schulz (CUDA only)"),
+        _f("FUSED_GRADS", bool, True, "custom backwards (cuBLAS column sums) for the channel scales, U-Net skip mix and lane mix; 0 = the plain expressions under autograd (same math)"),
         _f("PREFETCH_BATCHES", int, 2, "batches prepared ahead by the loader thread"),
     ]),
 ]
 
 ALIASES = {a: f.name for f in FIELDS for a in f.aliases}
+# The three attention gates were once separate on/off switches; as env (and in older artifacts) they still pick ATTN_GATE.
+LEGACY_GATE_FLAGS = {"GATED_ATTENTION": "gated", "ATTN_OUT_GATE": "out", "GATE_ATTN_OUT": "out", "SPARSE_ATTN_GATE": "sparse",
+                     "SPARSE_ATTN_GATE_ENABLED": "sparse"}
+
+
+def legacy_attn_gate(flags: Mapping[str, bool], default: str, explicit: str | None = None) -> str:
+    """ATTN_GATE from the old switches (name -> on): the one switched on; none when only SPARSE_ATTN_GATE (the old
+    default) is switched off; `default` otherwise. Two gates on, or a switch beside ATTN_GATE, is a ConfigError."""
+    if explicit and flags:
+        raise ConfigError(f"{explicit} and {' and '.join(flags)} set the same option ATTN_GATE; set only ATTN_GATE")
+    canonical = {"GATE_ATTN_OUT": "ATTN_OUT_GATE", "SPARSE_ATTN_GATE_ENABLED": "SPARSE_ATTN_GATE"}
+    on = sorted({canonical.get(k, k) for k, v in flags.items() if v}, key=list(LEGACY_GATE_FLAGS).index)
+    if len(on) > 1:
+        raise ConfigError(f"{' and '.join(on)} are alternative attention output gates: enable at most one (ATTN_GATE=sparse|out|gated|none)")
+    if on:
+        return LEGACY_GATE_FLAGS[on[0]]
+    return "none" if any(LEGACY_GATE_FLAGS[k] == "sparse" for k in flags) else default
 TTT_TARGET_NAMES = ("q", "k", "v", "o", "mlp", "proj", "up", "down", "head")
 # Env vars that belong to the launcher / runtime, never warned about.
 _RUNTIME_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -311,6 +337,10 @@ class Config:
                     raise ConfigError(f"{key} and {raw[name][1]} set the same option {name}; set only one")
                 raw[name] = (val, key)
         preset = raw["PRESET"][0].strip() if "PRESET" in raw else ""
+        legacy = {k: _parse(Field(k, bool, False, ""), env[k], k) for k in LEGACY_GATE_FLAGS if k in env}
+        if legacy:
+            raw["ATTN_GATE"] = (legacy_attn_gate(legacy, by_name["ATTN_GATE"].default, raw.get("ATTN_GATE", (0, None))[1]),
+                                next(iter(legacy)))
         values = {}
         for f in FIELDS:
             if f.name in raw:
@@ -341,6 +371,13 @@ class Config:
             raise ConfigError(f"artifact model_config: expected a JSON object, got {type(stored).__name__}")
         by = {f.name: f for f in FIELDS}
         vals: dict[str, Any] = {}
+        legacy = {k: stored[k] for k in LEGACY_GATE_FLAGS if k in stored}
+        if legacy:  # an artifact written before ATTN_GATE
+            bad = [k for k, v in legacy.items() if not isinstance(v, bool)]
+            if bad:
+                raise ConfigError(f"artifact model_config {bad[0]}={legacy[bad[0]]!r}: expected bool")
+            stored = {k: v for k, v in stored.items() if k not in legacy}
+            stored["ATTN_GATE"] = legacy_attn_gate(legacy, "none")
         for key, v in stored.items():
             name = ALIASES.get(key, key)
             if name not in by:
@@ -462,9 +499,8 @@ class Config:
             need(module_available("triton"), "MLP_KERNEL=triton: triton is not importable (it ships with CUDA builds of torch)")
             hidden = int(self.mlp_mult * self.model_dim)
             need(self.model_dim % 8 == 0 and hidden % 8 == 0, f"MLP_KERNEL=triton: MODEL_DIM ({self.model_dim}) and the MLP hidden size ({hidden}) must be multiples of 8 (TMA rows are 16-byte aligned)")
-        gates = [n for n, on in (("GATED_ATTENTION", self.gated_attention), ("ATTN_OUT_GATE", self.attn_out_gate), ("SPARSE_ATTN_GATE", self.sparse_attn_gate)) if on]
-        need(len(gates) <= 1, f"{' and '.join(gates)} are alternative attention output gates: enable at most one")
         need(1 <= self.gate_width <= self.model_dim, f"GATE_WIDTH={self.gate_width}: expected 1..MODEL_DIM")
+        need(10 <= self.brotli_lgwin <= 24 and 0 <= self.lzma_preset <= 9, f"BROTLI_LGWIN={self.brotli_lgwin} / LZMA_PRESET={self.lzma_preset}: expected 10..24 / 0..9")
         need(0 <= self.smear_gate_width <= self.model_dim, f"SMEAR_GATE_WIDTH={self.smear_gate_width}: expected 0..MODEL_DIM")
         spec = self.ve_layers.strip().lower()  # checked even with VE off: a typo should not wait for VE_ENABLED=1
         if spec not in ("alternating", "all", "none", ""):
@@ -512,7 +548,7 @@ class Config:
 
 def unknown_knob_warnings(env: Mapping[str, str]) -> list[str]:
     """Env vars that look like our knobs but are not (typos) get a warning, never silence."""
-    known = {f.name for f in FIELDS} | set(ALIASES)
+    known = {f.name for f in FIELDS} | set(ALIASES) | set(LEGACY_GATE_FLAGS)
     prefixes = {n.split("_")[0] for n in known}
     out = []
     for key in sorted(env):
@@ -841,364 +877,9 @@ def build_smoke_dataset(data_path: str, tokenizer_path: str, vocab_size: int, lo
 # LeakyReLU^2 MLP, softcap, and every seed feature behind its config switch.
 # Canonical attention order (seed_features.md s1): resid_mix -> norm*s -> QKV (SHD tie) -> value
 # embedding -> value residual -> QK norm -> partial RoPE -> q_gain -> attention (window) -> XSA ->
-# output gate -> Wo -> *attn_scale.
+# output gate -> Wo -> *attn_scale. What each op runs on (attention kernel, MLP backward, masks,
+# fused gradients) is a `Kernels` object chosen once per device by resolve_kernels (appendix A).
 # ----------------------------------------------------------------------------------------------
-
-try:  # FlashAttention 3 (Hopper) or 2, used when importable; everything works without it.
-    from flash_attn_interface import flash_attn_func as _flash_attn_func, flash_attn_varlen_func as _flash_varlen_func  # type: ignore
-    FLASH_ATTN = "fa3"
-except Exception:
-    try:
-        from flash_attn import flash_attn_func as _flash_attn_func, flash_attn_varlen_func as _flash_varlen_func  # type: ignore
-        FLASH_ATTN = "fa2"
-    except Exception:
-        _flash_attn_func, _flash_varlen_func, FLASH_ATTN = None, None, None
-
-_FA4: list = []  # [callable or None] once loaded
-
-
-def fa4_attention():
-    """FlashAttention 4 (`pip install flash-attn-4`: CuTe DSL, JIT-compiled, Hopper/Blackwell) as
-    flash_attn_func(q, k, v, causal, window_size), or None when not importable. Forward and backward are
-    registered as torch custom ops so torch.compile keeps the step one graph (FA4's own autograd.Function
-    would be a graph break per layer). Loaded on first use: importing the DSL takes seconds."""
-    if _FA4:
-        return _FA4[0]
-    try:
-        from flash_attn.cute import interface as fa4  # type: ignore
-    except Exception:
-        _FA4.append(None)
-        return None
-
-    def windows(window: int):  # our window w = keys q-w..q; FA's (left, right)
-        return (window, 0) if window > 0 else (None, None)
-
-    @torch.library.custom_op("train_gpt::fa4_fwd", mutates_args=())
-    def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        left, right = windows(window)
-        out, lse = fa4._flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, window_size_left=left,
-                                       window_size_right=right, return_lse=True)[:2]
-        return out, lse
-
-    @fa4_fwd.register_fake
-    def _(q, k, v, window):
-        B, T, H, D = q.shape
-        return q.new_empty((B, T, H, v.size(-1))), q.new_empty((B, H, T), dtype=torch.float32)
-
-    @torch.library.custom_op("train_gpt::fa4_bwd", mutates_args=())
-    def fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        left, right = windows(window)
-        dq, dk, dv = fa4._flash_attn_bwd(q.contiguous(), k.contiguous(), v.contiguous(), out, dout.contiguous(), lse,
-                                         causal=True, window_size_left=left, window_size_right=right)[:3]
-        return dq, dk, dv
-
-    @fa4_bwd.register_fake
-    def _(dout, q, k, v, out, lse, window):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, window = inputs
-        ctx.save_for_backward(q, k, v, *output)
-        ctx.window = window
-
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = fa4_bwd(dout, q, k, v, out, lse, ctx.window)
-        return dq, dk, dv, None
-
-    fa4_fwd.register_autograd(backward, setup_context=setup_context)
-
-    # Varlen (DOC_ATTENTION): q/k/v [total, H, D] with int32 cu_seqlens; segments attend only within themselves.
-    @torch.library.custom_op("train_gpt::fa4_varlen_fwd", mutates_args=())
-    def fa4_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
-                       window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        left, right = windows(window)
-        out, lse = fa4._flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                       max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True,
-                                       window_size_left=left, window_size_right=right, return_lse=True)[:2]
-        return out, lse
-
-    @fa4_varlen_fwd.register_fake
-    def _(q, k, v, cu, max_seqlen, window):
-        N, H, _ = q.shape
-        return q.new_empty((N, H, v.size(-1))), q.new_empty((H, N), dtype=torch.float32)
-
-    @torch.library.custom_op("train_gpt::fa4_varlen_bwd", mutates_args=())
-    def fa4_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, cu: torch.Tensor, max_seqlen: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        left, right = windows(window)
-        dq, dk, dv = fa4._flash_attn_bwd(q.contiguous(), k.contiguous(), v.contiguous(), out, dout.contiguous(), lse,
-                                         causal=True, window_size_left=left, window_size_right=right, cu_seqlens_q=cu,
-                                         cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
-        return dq, dk, dv
-
-    @fa4_varlen_bwd.register_fake
-    def _(dout, q, k, v, out, lse, cu, max_seqlen, window):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def varlen_setup_context(ctx, inputs, output):
-        q, k, v, cu, max_seqlen, window = inputs
-        ctx.save_for_backward(q, k, v, cu, *output)
-        ctx.max_seqlen, ctx.window = max_seqlen, window
-
-    def varlen_backward(ctx, dout, dlse):
-        q, k, v, cu, out, lse = ctx.saved_tensors
-        return (*fa4_varlen_bwd(dout, q, k, v, out, lse, cu, ctx.max_seqlen, ctx.window), None, None, None)
-
-    fa4_varlen_fwd.register_autograd(varlen_backward, setup_context=varlen_setup_context)
-
-    def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)):
-        assert causal, "fa4_attention: causal only"
-        return fa4_fwd(q, k, v, max(int(window_size[0]), 0))[0]
-
-    def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, window=0):
-        return fa4_varlen_fwd(q, k, v, cu_seqlens, int(max_seqlen), int(window))[0]
-
-    flash_attn_func.varlen = flash_attn_varlen_func
-    _FA4.append(flash_attn_func)
-    return flash_attn_func
-
-
-def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, window=0):
-    """FA3's / FA2's flash_attn_varlen_func in the signature of FA4's varlen wrapper (causal)."""
-    out = _flash_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-                             window_size=(window, 0) if window else (-1, -1))
-    return out[0] if isinstance(out, tuple) else out
-
-
-FA4_CHECK: dict = {}  # device index -> None (FA4 matched SDPA on the probe) or why it is not used
-
-
-def fa4_check(device) -> str | None:
-    """Run FA4 once (fwd + bwd, causal GQA, bf16) on `device` against fp32 SDPA and remember the verdict:
-    a broken flash-attn-4 install (DSL/CUDA library mismatch, unsupported GPU) then falls back to SDPA under
-    auto instead of failing inside the compiled step. Runs eagerly (make_masks / the run's env line come
-    before the compiled model); while dynamo traces it only reads the verdict."""
-    return checked_kernel(FA4_CHECK, device, fa4_attention(), _fa4_probe, "flash_attn.cute.interface does not import")
-
-
-def checked_kernel(verdicts: dict, device, kernel, probe: Callable, missing: str) -> str | None:
-    """Memoized on-device check of an optional kernel: `probe(kernel, device)` returns None when the kernel
-    matches its reference, else why not; an exception (or kernel None: `missing`) also means "do not use it".
-    While dynamo traces, only the memo is read."""
-    key = device.index if device.index is not None else 0
-    if key in verdicts or torch.compiler.is_compiling():
-        return verdicts.get(key)
-    try:
-        if kernel is None:
-            raise ImportError(missing)
-        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with on_device, torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            verdict = probe(kernel, device)
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-        verdict = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-    verdicts[key] = verdict
-    return verdict
-
-
-def _fa4_probe(fn, device) -> str | None:
-    g = torch.Generator(device=device).manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    B, T, H, Hkv, D = 2, 256, 4, 2, 64
-    q, k, v = (torch.randn(B, T, h, D, device=device, dtype=dtype, generator=g).requires_grad_() for h in (H, Hkv, Hkv))
-    go = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g)
-    out = fn(q, k, v, causal=True, window_size=(-1, -1))
-    grads = torch.autograd.grad(out, (q, k, v), go)
-    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref_in), is_causal=True, enable_gqa=True).transpose(1, 2)
-    ref_grads = torch.autograd.grad(ref, ref_in, go.float())
-    def worst_error(got, want):  # max relative error over out/dq/dk/dv
-        return max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want))
-
-    worst = worst_error((out, *grads), (ref, *ref_grads))
-    if not (math.isfinite(worst) and worst < 0.05):
-        return f"differs from SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
-    varlen = getattr(fn, "varlen", None)
-    if varlen is None:
-        return None
-    # varlen: the same batch as one packed sequence, segments = [rows cut at BOS-like points], padded cu_seqlens
-    ids = torch.ones(B, T, dtype=torch.int64)
-    ids[0, 100], ids[1, 7] = 0, 0
-    cu = torch.from_numpy(doc_cu_seqlens(ids.numpy(), 0, T)).to(device)
-    flat = [t.detach().reshape(B * T, *t.shape[2:]).requires_grad_() for t in (q, k, v)]
-    out = varlen(*flat, cu, T, 0)
-    grads = torch.autograd.grad(out, flat, go.reshape(B * T, H, D))
-    seg = segment_ids(cu, (1, B * T))[0]
-    mask = (seg[:, None] == seg[None, :]) & torch.ones(B * T, B * T, dtype=torch.bool, device=device).tril()
-    ref_in = [t.detach().float().requires_grad_() for t in flat]
-    ref = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in ref_in), attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
-    ref_grads = torch.autograd.grad(ref, ref_in, go.reshape(B * T, H, D).float())
-    worst = worst_error((out, *grads), (ref, *ref_grads))
-    return None if math.isfinite(worst) and worst < 0.05 else f"varlen differs from masked SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
-
-
-_CUDA_MAJOR: dict = {}  # device index -> compute capability major; a plain dict, which dynamo reads as a constant
-
-
-def _cuda_major(index: int) -> int:
-    if index not in _CUDA_MAJOR:  # first filled eagerly: make_masks -> attention_path runs outside the compiled step
-        _CUDA_MAJOR[index] = torch.cuda.get_device_capability(index)[0]
-    return _CUDA_MAJOR[index]
-
-
-def _indexed_cuda(device=None) -> torch.device:
-    """`device` with its index; a bare "cuda" (or None) is the current CUDA device."""
-    return device if device is not None and device.index is not None else torch.device("cuda", torch.cuda.current_device())
-
-
-def flash_kernel(cfg: Config, device=None):
-    """The flash-attn function this config attends with on a CUDA device, or None (SDPA / FlexAttention).
-    auto: FlashAttention 3, else FlashAttention 4 on Hopper or newer (H200, full step: +2.6 % tok/s over
-    SDPA's cuDNN kernel, BENCHMARKS.md) once it has passed `fa4_check` on this device, else SDPA;
-    FlashAttention 2 only when asked for (flash): on Hopper it is ~1.7x slower than cuDNN. ATTN_BACKEND=fa4
-    fails loudly when the check fails. DOC_ATTENTION uses the same kernel's varlen entry point (`varlen_kernel`)."""
-    backend = cfg.attn_backend
-    if backend in ("sdpa", "flex"):
-        return None
-    if backend == "flash" or (backend == "auto" and FLASH_ATTN == "fa3"):
-        return _flash_attn_func
-    device = _indexed_cuda(device)
-    if backend == "auto" and (_cuda_major(device.index) < 9 or fa4_attention() is None):
-        return None
-    why = fa4_check(device)
-    if why is not None and backend == "fa4":
-        raise RuntimeError(f"ATTN_BACKEND=fa4: flash-attn-4 failed its check on {device}: {why}")
-    return None if why is not None else fa4_attention()
-
-
-def varlen_kernel(cfg: Config, device=None):
-    """varlen(q, k, v, cu_seqlens, max_seqlen, window) of the flash kernel this config attends with (FA3/FA2's
-    flash_attn_varlen_func or FA4's), or None: DOC_ATTENTION then uses document masks (FlexAttention / SDPA)."""
-    flash = flash_kernel(cfg, device) if device is not None and device.type == "cuda" else None
-    if flash is None:
-        return None
-    return _flash_varlen if flash is _flash_attn_func else getattr(flash, "varlen", None)
-
-
-_MLP_DGRAD: list = []  # [custom op or None] once loaded
-MLP_DGRAD_CHECK: dict = {}  # device index -> None (the Triton kernel matched fp32 on the probe) or why it is not used
-MLP_DGRAD_TILE = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)  # an H200 autotuning's pick (BENCHMARKS.md)
-
-
-def mlp_dgrad_op():
-    """The MLP backward's dgrad GEMM with the activation derivative in its epilogue, as a torch custom op
-    mlp_dgrad(g, w2, pre, slope) = (g @ w2) * f'(pre), f(u) = leaky_relu(u, slope)^2, f'(u) = 2u (u > 0) or
-    2 slope^2 u; or None without triton. One Triton kernel (TMA loads/stores, persistent over output tiles) in
-    place of cuBLAS + a pass that reads the [tokens x hidden] product and pre again (H200: 12-37 ms/step in the
-    MLP microbenchmark, 5.6 ms = 0.5 % of the whole step; BENCHMARKS.md). TRITON_INTERPRET=1 runs it on a CPU."""
-    if _MLP_DGRAD:
-        return _MLP_DGRAD[0]
-    try:
-        import triton
-        import triton.language as tl
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except Exception:
-        _MLP_DGRAD.append(None)
-        return None
-
-    @triton.jit
-    def dgrad_kernel(g_desc, w_desc, pre_desc, out_desc, M, N, slope, K: tl.constexpr, PROGRAMS: tl.constexpr,
-                     TILES_PER_PROGRAM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-        # builtins only, no tl.cdiv / tl.zeros (jit functions): the CPU interpreter (tests) cannot call those when
-        # triton was imported before TRITON_INTERPRET=1 was set
-        grid_m, grid_n = (M + BM - 1) // BM, (N + BN - 1) // BN
-        for i in tl.range(0, TILES_PER_PROGRAM, flatten=True):  # persistent: loads of the next tile overlap this epilogue
-            tile = tl.program_id(0) + i * PROGRAMS
-            if tile < grid_m * grid_n:
-                per_group = GROUP_M * grid_n  # GROUP_M row blocks in a row share w's column blocks in L2
-                first_m = (tile // per_group) * GROUP_M
-                size_m = min(grid_m - first_m, GROUP_M)
-                om = (first_m + (tile % per_group) % size_m) * BM
-                on = ((tile % per_group) // size_m) * BN
-                acc = tl.full((BM, BN), 0.0, tl.float32)
-                for k in range(0, K, BK):
-                    acc = tl.dot(g_desc.load([om, k]), w_desc.load([k, on]), acc)
-                u = pre_desc.load([om, on]).to(tl.float32)
-                out_desc.store([om, on], (acc * tl.where(u > 0, 2.0 * u, (2.0 * slope * slope) * u)).to(out_desc.dtype))
-
-    @torch.library.custom_op("train_gpt::mlp_dgrad", mutates_args=())
-    def mlp_dgrad(g: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, slope: float) -> torch.Tensor:
-        g, w2, pre = g.contiguous(), w2.contiguous(), pre.contiguous()
-        (M, K), N = g.shape, w2.size(1)
-        out = torch.empty_like(pre)
-        tile = MLP_DGRAD_TILE if g.is_cuda else dict(BM=32, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=1)
-        BM, BN, BK = tile["BM"], tile["BN"], tile["BK"]
-        descs = [TensorDescriptor.from_tensor(t, shape) for t, shape in ((g, [BM, BK]), (w2, [BK, BN]), (pre, [BM, BN]), (out, [BM, BN]))]
-        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-        programs = min(tiles, torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 4)
-        dgrad_kernel[(programs,)](*descs, M, N, float(slope), K, programs, triton.cdiv(tiles, programs), BM, BN, BK,
-                                  tile["GROUP_M"], num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-        return out
-
-    @mlp_dgrad.register_fake
-    def _(g, w2, pre, slope):
-        return torch.empty_like(pre)
-
-    _MLP_DGRAD.append(mlp_dgrad)
-    return mlp_dgrad
-
-
-def _mlp_dgrad_probe(op, device) -> str | None:
-    g = torch.Generator(device=device).manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    M, K, N, slope = 300, 64, 200, 0.5  # ragged tiles on purpose
-    dy, w2, pre = (torch.randn(*shape, device=device, dtype=dtype, generator=g) for shape in ((M, K), (K, N), (M, N)))
-    got = op(dy, w2, pre, slope).float()
-    u = pre.float()
-    ref = (dy.float() @ w2.float()) * torch.where(u > 0, 2 * u, 2 * slope * slope * u)
-    err = ((got - ref).abs().max() / ref.abs().max()).item()
-    return None if math.isfinite(err) and err < 0.02 else f"differs from fp32: max relative error {err:.3g}"
-
-
-def mlp_dgrad_kernel(cfg: Config, device):
-    """The fused MLP dgrad op this config's backward uses on `device`, or None (cuBLAS + inductor).
-    auto: on CUDA sm90+ (TMA) once `checked_kernel` has run it against fp32 on this device; MLP_KERNEL=triton
-    fails loudly when the check fails; LoRA'd MLPs (TTT) always take the torch path."""
-    if cfg.mlp_kernel == "torch" or device.type != "cuda" or cfg.model_dim % 8 or int(cfg.mlp_mult * cfg.model_dim) % 8:
-        return None  # (TMA needs 16-byte aligned rows; MLP_KERNEL=triton: a ConfigError up front)
-    device, op = _indexed_cuda(device), mlp_dgrad_op()
-    if cfg.mlp_kernel == "auto" and (_cuda_major(device.index) < 9 or op is None):
-        return None
-    why = checked_kernel(MLP_DGRAD_CHECK, device, op, _mlp_dgrad_probe, "triton does not import")
-    if why is not None and cfg.mlp_kernel == "triton":
-        raise RuntimeError(f"MLP_KERNEL=triton: the Triton MLP kernel failed its check on {device}: {why}")
-    return None if why is not None else op
-
-
-def mlp_kernel_name(cfg: Config, device) -> str:
-    """What the MLP backward runs on for this config and device: triton | torch."""
-    return "triton" if mlp_dgrad_kernel(cfg, device) is not None else "torch"
-
-
-class MLPFusedGrad(torch.autograd.Function):
-    """proj(leaky_relu(fc(x), slope)^2) on [tokens, d] rows of the compute dtype, with `dgrad` (mlp_dgrad_op)
-    for the activation's gradient; the forward and the other three backward GEMMs are plain torch ops."""
-
-    @staticmethod
-    def forward(ctx, x, w1, w2, slope, dgrad, up=None):  # up(x, w1, slope) -> (pre, act): bench/mlp_triton.py's fused GEMM
-        if up is None:
-            pre = x @ w1.t()
-            act = F.leaky_relu(pre, slope).square()
-        else:
-            pre, act = up(x, w1, slope)
-        ctx.save_for_backward(x, w1, w2, pre, act)
-        ctx.slope, ctx.dgrad = slope, dgrad
-        return act @ w2.t()
-
-    @staticmethod
-    def backward(ctx, dy):
-        w2 = ctx.saved_tensors[2]
-        # One dtype for every GEMM operand: an eager CUDA run (COMPILE=0) crashed here on a bf16/fp32 mix (H200,
-        # 2026-12-02; this cast is the fix, not yet re-run there: MLP_KERNEL=torch is the safe setting for eager CUDA).
-        cd = w2.dtype
-        x, w1, pre, act = (t.to(cd) for t in ctx.saved_tensors[:2] + ctx.saved_tensors[3:])
-        dy = dy.to(cd).contiguous()
-        dpre = ctx.dgrad(dy, w2, pre, ctx.slope)
-        need = ctx.needs_input_grad  # TTT freezes the weights: skip their GEMMs
-        return (dpre @ w1 if need[0] else None, dpre.t() @ x if need[1] else None, dy.t() @ act if need[2] else None,
-                None, None, None)
 
 # Parameter roles, declared where each parameter is created: "<optimizer group>/<quantization class>".
 # Optimizer groups: muon (block matrices, bigram/VE projections), embed (token-indexed tables), head (an untied
@@ -1224,7 +905,7 @@ def param_roles(model: nn.Module) -> dict[str, tuple[str, str]]:
     roles = {}
     for mname, mod in model.named_modules():
         for local, role in mod.__dict__.get("param_roles", {}).items():
-            if getattr(mod, local, None) is not None:  # a declared but absent parameter (feature off) has no role
+            if isinstance(getattr(mod, local, None), nn.Parameter):  # declared but absent or a buffer (feature off): no role
                 roles[f"{mname}.{local}" if mname else local] = tuple(role.split("/"))
     names = [n for n, _ in model.named_parameters()]
     missing = [n for n in names if n not in roles]
@@ -1309,62 +990,33 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], -1)
 
 
-def build_masks(cfg: Config, T: int, device, seg: torch.Tensor | None, use_flex: bool) -> dict:
-    """One mask object per distinct window: None = plain causal (fast path), else a FlexAttention
-    BlockMask (CUDA) or a boolean SDPA mask (CPU). `seg` [B, T] (DOC_ATTENTION without a varlen kernel):
-    per-token segment index (`segment_ids`); attention stays inside a segment."""
-    masks = {}
-    for w in set(cfg.layer_windows()):  # distinct per-layer windows (0 = full)
-        if w == 0 and seg is None:
-            masks[w] = None
-            continue
-        if use_flex:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            def mask_mod(b, h, q, kv, w=w, seg=seg):
-                m = q >= kv
-                if w:
-                    m = m & (q - kv <= w)
-                if seg is not None:
-                    m = m & (seg[b, q] == seg[b, kv])
-                return m
-            B = seg.size(0) if seg is not None else None
-            masks[w] = create_block_mask(mask_mod, B, None, T, T, device=device)
-        else:
-            q = torch.arange(T, device=device)
-            m = q[:, None] >= q[None, :]
-            if w:
-                m = m & (q[:, None] - q[None, :] <= w)
-            m = m[None, None]
-            if seg is not None:
-                m = m & (seg[:, None, :, None] == seg[:, None, None, :])
-            masks[w] = m
-    return masks
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, layer: int):
+    def __init__(self, cfg: Config, layer: int, kernels: Kernels | None = None):
         super().__init__()
         dim, H, Hkv, D = cfg.model_dim, cfg.n_heads, cfg.num_kv_heads, cfg.d_head
         self.cfg, self.layer, self.H, self.Hkv, self.D = cfg, layer, H, Hkv, D
+        self.kernels = kernels or resolve_kernels(cfg, torch.device("cpu"))
         self.c_q = CastedLinear(dim, H * D, "muon/attn", ortho_init=True)
         self.c_k = CastedLinear(dim, Hkv * D, "muon/attn", ortho_init=True)
         self.c_v = CastedLinear(dim, Hkv * D, "muon/attn", ortho_init=True)
-        self.proj = CastedLinear(H * D, dim, "muon/attn", zero_init=True)
+        self.proj = CastedLinear(H * D, dim, "muon/attn", zero_init=cfg.proj_init == "zero", ortho_init=True)
         if cfg.shared_head_dim:
             self.c_q.shared, self.c_k.shared = (H, D, cfg.shared_head_dim), (Hkv, D, cfg.shared_head_dim)
-        self.q_gain = nn.Parameter(torch.full((H,), cfg.qk_gain_init))
+        if cfg.qk_gain_learned:
+            self.q_gain = nn.Parameter(torch.full((H,), cfg.qk_gain_init))
+        else:  # fixed: rebuilt from the config, not stored
+            self.register_buffer("q_gain", torch.full((H,), cfg.qk_gain_init), persistent=False)
         declare(self, q_gain="scalar/control", attn_gate_bias="scalar/control", attn_out_gate_w="scalar/gate", attn_gate_w="scalar/gate")
         self.rotary = Rotary(cfg.rope_dims or D, cfg.rope_base, max(cfg.train_seq_len, cfg.eval_seq_len, cfg.ttt_eval_seq_len))
         self.window = cfg.layer_windows()[layer]
         n_xsa = cfg.num_layers if cfg.xsa_last_n < 0 else cfg.xsa_last_n
         self.xsa = layer >= cfg.num_layers - n_xsa
-        if cfg.gated_attention:  # PR #487: sigmoid(W h + b), W (Muon) zero, b = 4
+        if cfg.attn_gate == "gated":  # PR #487: sigmoid(W h + b), W (Muon) zero, b = 4
             self.attn_gate = CastedLinear(dim, H, "muon/gate", zero_init=True)
             self.attn_gate_bias = nn.Parameter(torch.full((H,), 4.0))
-        if cfg.attn_out_gate:  # AttnOutGate: 2*sigmoid(A x[:W]), zero init = identity
+        if cfg.attn_gate == "out":  # AttnOutGate: 2*sigmoid(A x[:W]), zero init = identity
             self.attn_out_gate_w = nn.Parameter(torch.zeros(H, cfg.gate_width))
-        if cfg.sparse_attn_gate:  # SparseAttnGate: sigmoid(scale * W u[:W]), zero init = 0.5
+        if cfg.attn_gate == "sparse":  # SparseAttnGate: sigmoid(scale * W u[:W]), zero init = 0.5
             self.attn_gate_w = nn.Parameter(torch.zeros(H, cfg.gate_width))
         self.has_ve = layer in cfg.ve_layer_ids()
         if self.has_ve:
@@ -1381,9 +1033,9 @@ class Attention(nn.Module):
         if masks and "varlen" in masks:
             (B, T, H, D), (cu, max_seqlen) = q.shape, masks["varlen"]
             flat = (t.reshape(B * T, *t.shape[2:]) for t in (q, k, v))
-            return varlen_kernel(self.cfg, q.device)(*flat, cu, max_seqlen, self.window).view(B, T, H, -1)
+            return self.kernels.varlen(*flat, cu, max_seqlen, self.window).view(B, T, H, -1)
         mask = masks.get(self.window) if masks else None
-        flash = flash_kernel(self.cfg, q.device) if q.is_cuda else None
+        flash = self.kernels.flash if q.is_cuda else None
         if flash is not None and mask is None:
             ws = (self.window, 0) if self.window else (-1, -1)
             out = flash(q, k, v, causal=True, window_size=ws)
@@ -1427,13 +1079,13 @@ class Attention(nn.Module):
             yg = y.view(B, T, Hkv, H // Hkv, D)
             vn = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-        if self.cfg.gated_attention:
+        if self.cfg.attn_gate == "gated":
             y = y * torch.sigmoid(self.attn_gate(h) + self.attn_gate_bias.to(h.dtype)).unsqueeze(-1).to(y.dtype)
-        elif self.cfg.attn_out_gate:
+        elif self.cfg.attn_gate == "out":
             src = x_in if self.cfg.gate_attn_src == "resid" else h
             g = 2 * torch.sigmoid(F.linear(src[..., :self.cfg.gate_width].contiguous(), self.attn_out_gate_w.to(src.dtype)))
             y = y * g.unsqueeze(-1).to(y.dtype)
-        elif self.cfg.sparse_attn_gate:
+        elif self.cfg.attn_gate == "sparse":
             g = torch.sigmoid(self.cfg.sparse_attn_gate_scale * F.linear(h[..., :self.cfg.gate_width].contiguous(), self.attn_gate_w.to(h.dtype)))
             y = y * g.unsqueeze(-1).to(y.dtype)
         y = y.reshape(B, T, H * D)
@@ -1442,11 +1094,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels or resolve_kernels(cfg, torch.device("cpu"))
         hidden = int(cfg.mlp_mult * cfg.model_dim)
         self.fc = CastedLinear(cfg.model_dim, hidden, "muon/mlp", ortho_init=True)
-        self.proj = CastedLinear(hidden, cfg.model_dim, "muon/mlp", zero_init=True)
+        self.proj = CastedLinear(hidden, cfg.model_dim, "muon/mlp", zero_init=cfg.proj_init == "zero", ortho_init=True)
         self.slope = cfg.leaky_slope
         self.cfg = cfg
 
@@ -1456,7 +1109,7 @@ class MLP(nn.Module):
             u = plus(self.fc(x), lora_delta(ctx, "up", x))
             a = F.leaky_relu(u, self.slope).square()
             return plus(self.proj(a), lora_delta(ctx, "down", a))
-        dgrad = mlp_dgrad_kernel(self.cfg, x.device) if torch.is_grad_enabled() else None
+        dgrad = self.kernels.mlp_dgrad if torch.is_grad_enabled() else None
         if dgrad is not None:
             dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
             w1, w2 = (lin.effective_weight().to(dt) for lin in (self.fc, self.proj))
@@ -1466,10 +1119,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, layer: int):
+    def __init__(self, cfg: Config, layer: int, kernels: Kernels):
         super().__init__()
         dim = cfg.model_dim
-        self.attn, self.mlp = Attention(cfg, layer), MLP(cfg)
+        self.kernels = kernels
+        self.attn, self.mlp = Attention(cfg, layer, kernels), MLP(cfg, kernels)
+        if cfg.proj_init == "ortho_scaled":  # PR #487: orthogonal output projections scaled by 1/sqrt(2 L)
+            with torch.no_grad():
+                for lin in (self.attn.proj, self.mlp.proj):
+                    lin.weight.mul_((2 * cfg.num_layers) ** -0.5)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
@@ -1478,96 +1136,46 @@ class Block(nn.Module):
         self.s_in, self.s_out = (s, 1.0) if cfg.ln_scale_mode == "input" else (1.0, s)
 
     def forward(self, x, x0, ctx):
+        k = self.kernels
         x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x_in + ChannelScale.apply(self.attn(rms_norm(x_in) * self.s_in, x_in, ctx), self.attn_scale * self.s_out)
-        return x + ChannelScale.apply(self.mlp_out(rms_norm(x) * self.s_in, ctx), self.mlp_scale * self.s_out)
+        x = x_in + k.scale(self.attn(rms_norm(x_in) * self.s_in, x_in, ctx), self.attn_scale * self.s_out)
+        return x + k.scale(self.mlp_out(rms_norm(x) * self.s_in, ctx), self.mlp_scale * self.s_out)
+
+    def forward_gptj(self, x, x0, ctx):
+        """Single-lane parallel block (GPT-J; PR #1493/#1774): attention and MLP read the same input, both add to it."""
+        k = self.kernels
+        x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        h = rms_norm(x_in) * self.s_in
+        return x_in + k.scale(self.attn(h, x_in, ctx), self.attn_scale * self.s_out) + k.scale(self.mlp_out(h, ctx), self.mlp_scale * self.s_out)
 
     def mlp_out(self, h, ctx):  # the TTT adapter "mlp" (record #1855) reads the MLP's normalized input
         return plus(self.mlp(h, ctx), lora_delta(ctx, "mlp", h))
 
     def forward_parallel(self, lane0, lane1, x0, ctx, r, p):
         """Two-lane parallel residual (PR #1204/#1529): attention reads lane0, MLP reads lane1."""
+        k = self.kernels
         x_in = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
-        a = ChannelScale.apply(self.attn(rms_norm(x_in) * self.s_in, x_in, ctx), self.attn_scale * self.s_out)
-        m = ChannelScale.apply(self.mlp_out(rms_norm(lane1) * self.s_in, ctx), self.mlp_scale * self.s_out)
-        return LaneMix.apply(*distinct(lane0, lane1), a, m, r, p)
+        a = k.scale(self.attn(rms_norm(x_in) * self.s_in, x_in, ctx), self.attn_scale * self.s_out)
+        m = k.scale(self.mlp_out(rms_norm(lane1) * self.s_in, ctx), self.mlp_scale * self.s_out)
+        return k.lane_mix(lane0, lane1, a, m, r, p)
 
 
-def distinct(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The same tensor passed twice to an autograd.Function is a torch.compile graph break (the last encoder
-    output is also the first skip; the first parallel block gets lanes (x, x)): repeats become views."""
-    return tuple(t.view_as(t) if any(t is u for u in ts[:i]) else t for i, t in enumerate(ts))
+# The model's mixing math as plain expressions; the fused-gradient versions (FUSED_GRADS=1) are fused_scale,
+# fused_skip_mix and fused_lane_mix below: same forward, a custom backward.
+def scale(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """s * t, s per channel ([D]) or a scalar ([1]): attention / MLP output scales, U-Net skip weights, SmearGate."""
+    return s * t
 
 
-def channel_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over every leading dim of a [..., D] tensor as a GEMV (cuBLAS), in fp32. Inductor schedules
-    these token-axis column sums as slow strided reductions (~5 ms each on H100 at 98k tokens)."""
-    D = t.size(-1)
-    ones = torch.ones(t.numel() // D, device=t.device, dtype=t.dtype)
-    return (ones @ t.reshape(-1, D)).float()
+def skip_mix(x: torch.Tensor, skip: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Gated U-Net skip: lerp(w * skip, x, sigmoid(g)), w and g per channel."""
+    sg = torch.sigmoid(g)
+    return sg * x + (1 - sg) * (w * skip)
 
 
-class ChannelScale(torch.autograd.Function):
-    """s * t with s per channel ([D]) or a scalar ([1]), broadcast over tokens: the plain product, with the
-    gradient of s taken by `channel_sum`. Used for the attention/MLP output scales, the U-Net skip weights
-    and the SmearGate lambda. Not for resid_mix: its x0 products all read the same x0, inductor fuses the
-    17 of them (looping on) into one 40 ms kernel; left to inductor they cost less (H100, BENCHMARKS.md)."""
-
-    @staticmethod
-    def forward(ctx, t, s):
-        ctx.save_for_backward(t, s)
-        return s * t
-
-    @staticmethod
-    def backward(ctx, grad):
-        t, s = ctx.saved_tensors
-        out_dtype = torch.promote_types(t.dtype, s.dtype)
-        g_t = (grad * s).to(t.dtype) if ctx.needs_input_grad[0] else None
-        g_s = None
-        if ctx.needs_input_grad[1]:
-            g_s = channel_sum(grad * t.to(out_dtype))
-            g_s = (g_s.sum().reshape(s.shape) if s.numel() == 1 else g_s).to(s.dtype)
-        return g_t, g_s
-
-
-class LaneMix(torch.autograd.Function):
-    """lane0' = r0*lane0 + p00*a + p10*m,  lane1' = r1*lane1 + p01*a + p11*m. The scalar lambdas'
-    gradients are full-tensor dot products via `channel_sum` (cuBLAS) instead of fused inductor reductions."""
-
-    @staticmethod
-    def forward(ctx, l0, l1, a, m, r, p):
-        ctx.save_for_backward(l0, l1, a, m, r, p)
-        return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
-
-    @staticmethod
-    def backward(ctx, g0, g1):
-        l0, l1, a, m, r, p = ctx.saved_tensors
-        dot = lambda u, v: channel_sum(u * v.to(u.dtype)).sum()  # torch.dot would become an inductor reduction
-        gr = torch.stack([dot(g0, l0), dot(g1, l1)])
-        gp = torch.stack([torch.stack([dot(g0, a), dot(g1, a)]), torch.stack([dot(g0, m), dot(g1, m)])])
-        ga = g0 * p[0, 0].to(g0.dtype) + g1 * p[0, 1].to(g1.dtype)
-        gm = g0 * p[1, 0].to(g0.dtype) + g1 * p[1, 1].to(g1.dtype)
-        return g0 * r[0].to(g0.dtype), g1 * r[1].to(g1.dtype), ga.to(a.dtype), gm.to(m.dtype), gr.to(r.dtype), gp.to(p.dtype)
-
-
-class GatedSkip(torch.autograd.Function):
-    """U-Net skip mix  sg*x + (1-sg)*(w*skip),  sg = sigmoid(g), w and g per channel. Same math as the
-    plain expression; the backward computes the per-channel gradients of w and g as matrix-vector
-    products (cuBLAS) because inductor schedules these strided column sums badly (~5 ms each on H100)."""
-
-    @staticmethod
-    def forward(ctx, x, skip, w, g):
-        sg = torch.sigmoid(g)
-        ctx.save_for_backward(x, skip, w, sg)
-        return sg * x + (1 - sg) * (w * skip)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, skip, w, sg = ctx.saved_tensors
-        g_skipped = grad * (1 - sg)
-        gw = channel_sum(g_skipped * skip)
-        gg = channel_sum(grad * (x - w * skip)) * sg * (1 - sg)
-        return grad * sg, g_skipped * w, gw.to(w.dtype), gg.to(sg.dtype)
+def lane_mix(l0, l1, a, m, r, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-lane parallel residual update: lane_i' = r_i * lane_i + p_0i * attn_out + p_1i * mlp_out."""
+    return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
 
 
 def layer_order(cfg: Config, looping: bool) -> list[int]:
@@ -1580,9 +1188,10 @@ def layer_order(cfg: Config, looping: bool) -> list[int]:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Config, bos_id: int = 1):
+    def __init__(self, cfg: Config, bos_id: int = 1, kernels: Kernels | None = None):
         super().__init__()
         self.cfg, self.bos_id = cfg, bos_id
+        self.kernels = kernels = kernels or resolve_kernels(cfg, torch.device("cpu"))  # CPU kernels run anywhere
         V, dim, L = cfg.vocab_size, cfg.model_dim, cfg.num_layers
         self.tok_emb = nn.Embedding(V, dim)
         declare(self.tok_emb, weight="embed/tok_emb")
@@ -1616,16 +1225,26 @@ class GPT(nn.Module):
             self.ve_layer_scales = nn.Parameter(torch.ones(L))  # used by the shared table only
         if cfg.value_residual:
             self.vr_lambdas = nn.Parameter(torch.full((L, 2), 0.5))
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        self.blocks = nn.ModuleList(Block(cfg, i, kernels) for i in range(L))
         n_skip = max(min(len(o) // 2, len(o) - len(o) // 2) for o in (layer_order(cfg, False), layer_order(cfg, True)))
         if cfg.unet_skips and n_skip:
             self.skip_weights = nn.Parameter(torch.ones(n_skip, dim))
             if cfg.skip_gates_enabled:
                 self.skip_gates = nn.Parameter(torch.zeros(n_skip, dim))
-        if cfg.parallel_start_layer > 0:
+        if cfg.parallel_start_layer > 0 and cfg.parallel_mode == "lanes":
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), cfg.parallel_resid_init))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
         self.looping_active = False
+
+    def set_kernels(self, kernels: Kernels) -> GPT:
+        """Attend / run the MLP backward with `kernels` (resolve_kernels for the model's device), before compile."""
+        for m in self.modules():
+            if "kernels" in m.__dict__:
+                m.kernels = kernels
+        return self
+
+    def masks(self, ids, train: bool = False, cu_seqlens: torch.Tensor | None = None, doc: bool | None = None) -> dict:
+        return self.kernels.masks(ids, self.bos_id, train, cu_seqlens, doc)
 
     # -- embedding stream ------------------------------------------------------------------------
     def embed(self, ids):
@@ -1639,12 +1258,12 @@ class GPT(nn.Module):
                 h = torch.where(ids == self.bos_id, cfg.bigram_buckets - 1, h)
             x = x + self.bigram_scale * self.bigram_proj(self.bigram_table(h))
         not_bos = (ids != self.bos_id).unsqueeze(-1) if cfg.smear_bos_fix else None
-        if cfg.smear_gate and cfg.smear_gate_mode == "v2":  # x_t += l*sigmoid(w x_t[:W]) x_{t-1}
-            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-            gate = torch.sigmoid(F.linear(x[..., :cfg.smear_width], self.smear_w.to(x.dtype)))
-            term = ChannelScale.apply(gate * prev, self.smear_lambda)
-            x = x + (term * not_bos if not_bos is not None else term)
+        v2 = cfg.smear_gate and cfg.smear_gate_mode == "v2"
+        if v2 and cfg.smear_gate_norm == "before":
+            x = self.smear_v2(x, not_bos)
         x = rms_norm(x)
+        if v2 and cfg.smear_gate_norm == "after":
+            x = self.smear_v2(x, not_bos)
         if cfg.smear_gate and cfg.smear_gate_mode == "v1":  # x_t = (1-g) x_t + g x_{t-1}, g = sigmoid(gamma)
             prev = F.pad(x[:, :-1], (0, 0, 1, 0))
             g = torch.sigmoid(self.smear_gamma)
@@ -1652,10 +1271,16 @@ class GPT(nn.Module):
             x = torch.where(not_bos, mixed, x) if not_bos is not None else mixed
         return x
 
+    def smear_v2(self, x, not_bos):  # x_t += l * sigmoid(w x_t[:W]) x_{t-1}
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        gate = torch.sigmoid(F.linear(x[..., :self.cfg.smear_width], self.smear_w.to(x.dtype)))
+        term = self.kernels.scale(gate * prev, self.smear_lambda)
+        return x + (term * not_bos if not_bos is not None else term)
+
     def hidden(self, ids, masks=None, lora: dict | None = None):
         cfg = self.cfg
         if masks is None and cfg.eval_doc_attention_on:  # document masks depend on the batch: build them when not given
-            masks = make_masks(cfg, ids, self.bos_id)
+            masks = self.masks(ids)
         x = self.embed(ids)
         x0 = x
         ctx: dict = {"ids": ids, "masks": masks, "lora": lora, "vi": 0}
@@ -1673,15 +1298,15 @@ class GPT(nn.Module):
             ctx["vi"] = vi  # TTT adapters are per virtual layer (a looped block gets one per pass)
             if vi >= n_enc:
                 j = vi - n_enc
-                parallel = cfg.parallel_start_layer > 0 and li >= cfg.parallel_start_layer
+                parallel = cfg.parallel_start_layer > 0 and li >= cfg.parallel_start_layer and cfg.parallel_mode == "lanes"
                 if parallel and lanes is None and cfg.parallel_skip == "lane0":
                     lanes = (x, x)  # split first: the skip below enters lane 0 only
                 if cfg.unet_skips and skips and j < self.skip_weights.size(0):
                     tgt = lanes[0] if lanes is not None else x
                     if cfg.skip_gates_enabled:  # lerp(w*skip, x, sigmoid(g))
-                        tgt = GatedSkip.apply(*distinct(tgt, skips.pop()), self.skip_weights[j], self.skip_gates[j])
+                        tgt = self.kernels.skip_mix(tgt, skips.pop(), self.skip_weights[j], self.skip_gates[j])
                     else:
-                        tgt = tgt + ChannelScale.apply(skips.pop(), self.skip_weights[j])
+                        tgt = tgt + self.kernels.scale(skips.pop(), self.skip_weights[j])
                     if lanes is not None:
                         lanes = (tgt, lanes[1])
                     else:
@@ -1693,7 +1318,8 @@ class GPT(nn.Module):
                     continue
             if lanes is not None:  # a sequential block after parallel ones: merge the lanes first
                 x, lanes = (lanes[0] + lanes[1]) * 0.5, None
-            x = block(x, x0, ctx)
+            gptj = cfg.parallel_mode == "gptj" and 0 < cfg.parallel_start_layer <= li
+            x = block.forward_gptj(x, x0, ctx) if gptj else block(x, x0, ctx)
             if vi < n_enc:
                 skips.append(x)
         if lanes is not None:
@@ -1724,45 +1350,6 @@ def bake_shared_heads(model: GPT):
             m.weight.copy_(tie_shared_rows(m.weight, *m.shared))
             m.shared = None
 
-
-def attention_kernel_name(cfg: Config, device) -> str:
-    """What full-causal attention runs on for this config and device: fa3 | fa2 | fa4 | sdpa | flex."""
-    flash = flash_kernel(cfg, device) if device.type == "cuda" else None
-    if flash is not None:
-        return FLASH_ATTN if flash is _flash_attn_func else "fa4"
-    return "flex" if device.type == "cuda" and cfg.attn_backend == "flex" else "sdpa"
-
-
-def attention_path(cfg: Config, device) -> tuple[bool, bool]:
-    """(use flash-attn, use FlexAttention) for this device and config."""
-    use_flash = device.type == "cuda" and flash_kernel(cfg, device) is not None
-    return use_flash, device.type == "cuda" and not use_flash and cfg.attn_backend != "sdpa"
-
-
-_MASK_CACHE: dict = {}
-
-
-def make_masks(cfg: Config, x: torch.Tensor, bos_id: int, train: bool = False, cu_seqlens: torch.Tensor | None = None,
-               doc: bool | None = None):
-    """Mask objects for a batch ({} when every layer takes the plain causal fast path). Document attention
-    (DOC_ATTENTION for training, EVAL_DOC_ATTENTION otherwise, `doc` when given): {"varlen": (cu_seqlens, max_seqlen)}
-    for a varlen flash kernel, else per-window masks over segment ids; `cu_seqlens` comes from the loader in training
-    (computed here from x otherwise: a host sync). Window-only masks are static and cached."""
-    use_flash, use_flex = attention_path(cfg, x.device)
-    mlp_dgrad_kernel(cfg, x.device)  # its first call runs the kernel's check: eagerly, before the compiled step reads it
-    if doc if doc is not None else cfg.doc_attention if train else cfg.eval_doc_attention_on:
-        max_len = min(cfg.train_seq_len if train else x.size(1), x.numel())
-        if cu_seqlens is None:
-            cu_seqlens = torch.from_numpy(doc_cu_seqlens(x.detach().cpu().numpy(), bos_id, max_len)).to(x.device)
-        if varlen_kernel(cfg, x.device) is not None:
-            return {"varlen": (cu_seqlens, max_len)}
-        return build_masks(cfg, x.size(1), x.device, segment_ids(cu_seqlens, x.shape), use_flex)
-    if use_flash or not any(cfg.layer_windows()):
-        return {}
-    key = (tuple(cfg.layer_windows()), x.size(1), str(x.device), use_flex)
-    if key not in _MASK_CACHE:
-        _MASK_CACHE[key] = build_masks(cfg, x.size(1), x.device, None, use_flex)
-    return _MASK_CACHE[key]
 
 # ----------------------------------------------------------------------------------------------
 # OPTIMIZERS: Muon (Polar-Express Newton-Schulz, Nesterov, MuonEq-R, decoupled WD) for block
@@ -1866,11 +1453,14 @@ class Optimizers:
         if g["scalar"]:
             self.opts.append(adam([p for _, p in g["scalar"]], cfg.scalar_lr, cfg.adam_wd))
 
-    def step(self, lr_mul: float, step: int):
+    def step(self, lr_mul: float, step: int, progress: float = 0.0):
         cfg = self.cfg
         for opt in self.opts:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_mul
+        if self.muon is not None and cfg.muon_wd_schedule == "linear":  # progress: fraction of the run done
+            for group in self.muon.param_groups:
+                group["weight_decay"] = cfg.muon_wd * max(0.0, 1.0 - progress)
         if self.muon is not None:
             w = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps > 0 else 1.0
             for group in self.muon.param_groups:
@@ -1972,6 +1562,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: GPT, device, rank: int, world: int, train_files: list[str], log: Logger):
         self.cfg, self.model, self.device, self.rank, self.world, self.log = cfg, model, device, rank, world, log
+        if model.kernels.device != torch.device(device):  # a model built without them: this device's kernels, before compile
+            model.set_kernels(resolve_kernels(cfg, device))
         self.accum = cfg.grad_accum_steps or max(1, 8 // world)
         denom = world * self.accum * cfg.train_seq_len
         if cfg.train_batch_tokens % denom:
@@ -1993,18 +1585,18 @@ class Trainer:
         return DistributedLoader(self.train_files, self.rank, self.world, self.local_tokens, self.cfg.train_seq_len, self.device,
                                  self.cfg.prefetch_batches, doc=doc, vocab_size=self.cfg.vocab_size)
 
-    def step(self, step: int, lr_mul: float) -> torch.Tensor:
+    def step(self, step: int, lr_mul: float, progress: float = 0.0) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             x, y, cu = self.loader.next()
             sync = self.fwd.no_sync() if (self.world > 1 and micro < self.accum - 1) else contextlib.nullcontext()
             with sync, autocast_ctx(self.device):
-                loss = self.fwd(x, y, make_masks(self.cfg, x, self.model.bos_id, train=True, cu_seqlens=cu))
+                loss = self.fwd(x, y, self.model.masks(x, train=True, cu_seqlens=cu))
             (loss / self.accum).backward()
             total += loss.detach()
         if self.cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
-        self.opts.step(lr_mul, step)
+        self.opts.step(lr_mul, step, progress)
         self.opts.zero_grad()
         if self.ema is not None:
             self.ema.update()
@@ -2064,7 +1656,7 @@ class Trainer:
                 self.log("layer_loop", enabled=1, step=step, frac=frac)
             avg_ms = elapsed_ms / max(step, 1)
             lr_mul = lr_multiplier(cfg, frac, step, avg_ms, budget_ms - elapsed_ms)
-            loss = self.step(step, lr_mul)
+            loss = self.step(step, lr_mul, frac)
             nonfinite |= ~torch.isfinite(loss)
             step += 1
             elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
@@ -2121,13 +1713,14 @@ class Trainer:
                  tok_s=tokens_per_step / (ms_step / 1000), peak_mem_gib=peak if peak is not None else "na")
         return dict(steps=step, train_seconds=train_ms / 1000, ms_per_step=ms_step, tokens_per_s=tokens_per_step / (ms_step / 1000),
                     peak_mem_gib=peak, stop_reason=stop_reason)
-# =====================================================================================
-# QUANTIZATION / PACKING
-#   SDClip scales, RTN and GPTQ (int2..int8, symmetric, per-row fp16 scales), int8 gates,
-#   LQER low-rank error correction, the "PGQ1" non-pickle container, byte shuffle and
-#   self-describing compression. Nothing here knows the model: callers pass names, plans
-#   and Hessians (H = sum X^T X over the *input* columns of each weight, shape (cols, cols)).
-# =====================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# ARTIFACT: SDClip scales, RTN and GPTQ (int2..int8, symmetric, per-row fp16 scales), int8 gates,
+# LQER low-rank error correction, the state-dict driver. Nothing here knows the model: callers pass
+# names, plans and Hessians (H = sum X^T X over the *input* columns of each weight, shape (cols, cols)).
+# The byte containers and codecs are appendices B and C.
+# ----------------------------------------------------------------------------------------------
 
 _FP16_TINY, _FP16_MAX = 2.0 ** -24, 65504.0  # smallest positive / largest finite fp16
 
@@ -2342,271 +1935,6 @@ def select_lqer_targets(errors: dict, top_k: int) -> list:
     return [name for name, _ in ranked[:max(0, int(top_k))]]
 
 
-# ---- "PGQ1" container ----------------------------------------------------------------------------
-# Layout (all little-endian):
-#   b"PGQ1" | uint32 header_len | header (UTF-8 JSON) | data
-#   header = {"version": 1, "tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...],
-#             "meta": <user JSON>}
-# Entries are listed in the caller's order; offsets are relative to the start of `data`, where
-# tensors are stored grouped by dtype (all int8 together, then fp16, ...) so that similar bytes
-# sit next to each other for the compressor. No pickle anywhere: loading is pure parsing.
-
-PGQ_MAGIC = b"PGQ1"
-_PACK_DTYPES = {  # name -> (torch dtype, numpy little-endian storage dtype); order = data layout
-    "int8": (torch.int8, "<i1"), "uint8": (torch.uint8, "<u1"), "bool": (torch.bool, "<u1"),
-    "int16": (torch.int16, "<i2"), "int32": (torch.int32, "<i4"), "int64": (torch.int64, "<i8"),
-    "float16": (torch.float16, "<f2"), "bfloat16": (torch.bfloat16, "<i2"),
-    "float32": (torch.float32, "<f4"), "float64": (torch.float64, "<f8"),
-}
-_DTYPE_NAMES = {td: name for name, (td, _) in _PACK_DTYPES.items()}
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    if dt not in _DTYPE_NAMES:
-        raise ValueError(f"unsupported dtype for packing: {dt}")
-    return _DTYPE_NAMES[dt]
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)  # numpy has no bf16: ship the raw 16-bit patterns
-    elif t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    return t.numpy().astype(_PACK_DTYPES[_dtype_name(t.dtype)][1], copy=False).tobytes()
-
-
-def pack_state(tensors: dict, meta: dict | None = None) -> bytes:
-    """Serialize {name: tensor} plus a JSON-able meta dict into the PGQ1 byte format."""
-    order = list(_PACK_DTYPES)
-    names = list(tensors)
-    for n in names:
-        if not isinstance(n, str) or not n:
-            raise ValueError(f"tensor names must be non-empty strings, got {n!r}")
-    layout = sorted(range(len(names)), key=lambda i: (order.index(_dtype_name(tensors[names[i]].dtype)), i))
-    chunks, entries, off = [], [None] * len(names), 0
-    for i in layout:
-        t = tensors[names[i]]
-        b = _tensor_bytes(t)
-        entries[i] = {"name": names[i], "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
-                      "offset": off, "nbytes": len(b)}
-        chunks.append(b)
-        off += len(b)
-    header = json.dumps({"version": 2, "tensors": entries, "meta": meta or {}},
-                        separators=(",", ":")).encode("utf-8")
-    body = PGQ_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
-    return body + struct.pack("<I", zlib.crc32(body))  # version 2: a CRC32 of everything before it closes the blob
-
-
-def _json_header(raw: bytes, what: str):
-    """A container's JSON header, parsed with clear errors (bad UTF-8/JSON, nesting too deep for the parser)."""
-    try:
-        return json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} header is not valid UTF-8 JSON: {e}") from None
-    except RecursionError:
-        raise ValueError(f"{what} header JSON is nested too deeply: corrupt or hostile artifact") from None
-
-
-def unpack_state(buf) -> tuple:
-    """Inverse of pack_state -> (tensors dict in original order, meta). Validates everything and
-    raises ValueError naming the problem on any malformed input."""
-    buf = bytes(buf) if not isinstance(buf, bytes) else buf
-    if len(buf) < 8:
-        raise ValueError(f"PGQ1 blob truncated: {len(buf)} bytes, need at least 8")
-    if buf[:4] != PGQ_MAGIC:
-        raise ValueError(f"bad magic {buf[:4]!r}: not a PGQ1 blob (expected {PGQ_MAGIC!r})")
-    (hlen,) = struct.unpack("<I", buf[4:8])
-    if 8 + hlen > len(buf):
-        raise ValueError(f"PGQ1 header length {hlen} exceeds blob size {len(buf)} (truncated?)")
-    header = _json_header(buf[8:8 + hlen], "PGQ1")
-    if not isinstance(header, dict) or header.get("version") not in (1, 2) \
-            or not isinstance(header.get("tensors"), list) or not isinstance(header.get("meta"), dict):
-        raise ValueError("PGQ1 header must be {'version': 1|2, 'tensors': [...], 'meta': {...}}")
-    end_data = len(buf)
-    if header["version"] == 2:  # version 1 (older artifacts) carries no checksum
-        if len(buf) < 8 + hlen + 4:
-            raise ValueError("PGQ1 blob truncated: no room for its checksum")
-        end_data = len(buf) - 4
-        (stored,) = struct.unpack("<I", buf[end_data:])
-        got = zlib.crc32(memoryview(buf)[:end_data])
-        if got != stored:
-            raise ValueError(f"PGQ1 checksum mismatch (stored crc32 {stored:08x}, computed {got:08x}): the artifact is corrupt")
-    data = memoryview(buf)[8 + hlen:end_data]
-    out, spans = {}, []
-    for k, e in enumerate(header["tensors"]):
-        if not isinstance(e, dict):
-            raise ValueError(f"PGQ1 tensor entry #{k} is not an object")
-        name, dt, shape = e.get("name"), e.get("dtype"), e.get("shape")
-        off, nb = e.get("offset"), e.get("nbytes")
-        if not isinstance(name, str) or not name or name in out:
-            raise ValueError(f"PGQ1 tensor entry #{k}: missing or duplicate name {name!r}")
-        if dt not in _PACK_DTYPES:
-            raise ValueError(f"tensor {name!r}: unsupported dtype {dt!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ValueError(f"tensor {name!r}: invalid shape {shape!r}")
-        if type(off) is not int or type(nb) is not int or off < 0 or nb < 0:
-            raise ValueError(f"tensor {name!r}: invalid offset/nbytes {off!r}/{nb!r}")
-        tdt, npdt = _PACK_DTYPES[dt]
-        numel = math.prod(shape)
-        if nb != numel * np.dtype(npdt).itemsize:
-            raise ValueError(f"tensor {name!r}: nbytes {nb} does not match shape {shape} of {dt}")
-        if off + nb > len(data):
-            raise ValueError(f"tensor {name!r}: byte range [{off}, {off + nb}) out of range of "
-                             f"the {len(data)}-byte data section (truncated or corrupt)")
-        arr = np.frombuffer(data, dtype=npdt, count=numel, offset=off).copy()
-        t = torch.from_numpy(arr).reshape(shape)
-        if dt == "bfloat16":
-            t = t.view(torch.bfloat16)
-        elif dt == "bool":
-            t = t.to(torch.bool)
-        out[name] = t
-        spans.append((off, off + nb, name))
-    end = 0
-    for a, b, name in sorted(spans):
-        if a < end:
-            raise ValueError(f"tensor {name!r}: byte range overlaps a previous tensor")
-        end = max(end, b)
-    if end != len(data):
-        raise ValueError(f"PGQ1 data section has {len(data) - end} unexpected trailing bytes")
-    return out, header["meta"]
-
-
-# ---- byte shuffle + compression ------------------------------------------------------------------
-
-BSHF_MAGIC, BLOB_MAGIC = b"BSHF", b"PGZ"
-_CODEC_IDS = {"none": b"N", "brotli": b"B", "zstd": b"Z", "lzma": b"X"}
-
-
-def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
-    """b"BSHF" + stride byte + bytes at offsets = 0 mod stride, then 1 mod stride, ...
-    Stride 2 separates low/high bytes of 16-bit values, which compress much better apart."""
-    if not 1 <= int(stride) <= 255:
-        raise ValueError(f"byte_shuffle stride must be in 1..255, got {stride}")
-    data = bytes(data)
-    return BSHF_MAGIC + bytes([stride]) + b"".join(data[i::stride] for i in range(stride))
-
-
-def byte_unshuffle(blob: bytes) -> bytes:
-    blob = bytes(blob)
-    if len(blob) < 5 or blob[:4] != BSHF_MAGIC:
-        raise ValueError("not a byte-shuffled blob (missing BSHF magic)")
-    stride, payload = blob[4], blob[5:]
-    if stride < 1:
-        raise ValueError("byte-shuffled blob has invalid stride 0")
-    n, out, pos = len(payload), bytearray(len(payload)), 0
-    for i in range(stride):
-        cnt = (n - i + stride - 1) // stride if n > i else 0
-        out[i::stride] = payload[pos:pos + cnt]
-        pos += cnt
-    return bytes(out)
-
-
-def _import_codec(module: str, pip_name: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise RuntimeError(f"compressor needs the Python package {pip_name!r} "
-                           f"(pip install {pip_name})") from None
-
-
-def compress_blob(raw: bytes, compressor: str = "brotli", shuffle: int = 2) -> bytes:
-    """b"PGZ" + codec id byte + compressed payload. shuffle>1 byte-shuffles first; the shuffle
-    is self-describing (BSHF magic), so decompress_blob undoes it automatically."""
-    if compressor not in _CODEC_IDS:
-        raise ValueError(f"unknown compressor {compressor!r}; choose from {sorted(_CODEC_IDS)}")
-    raw = bytes(raw)
-    if shuffle and shuffle > 1:
-        raw = byte_shuffle(raw, shuffle)
-    elif raw[:4] == BSHF_MAGIC:
-        raw = byte_shuffle(raw, 1)  # identity wrap keeps auto-detection unambiguous
-    if compressor == "brotli":
-        payload = _import_codec("brotli", "brotli").compress(raw, quality=11, lgwin=24)
-    elif compressor == "zstd":
-        payload = _import_codec("zstandard", "zstandard").ZstdCompressor(level=22).compress(raw)
-    elif compressor == "lzma":
-        payload = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
-    else:
-        payload = raw
-    return BLOB_MAGIC + _CODEC_IDS[compressor] + payload
-
-
-RAW_CAP_MIN, RAW_CAP_RATIO, RAW_CAP_MAX = 16 << 20, 64, 2 << 30
-
-
-def raw_cap(n_compressed: int) -> int:
-    """Most bytes a compressed blob may expand to: 64x its size (at least 16 MiB, at most 2 GiB). A real artifact
-    expands ~2-3x; a hostile one (a tiny file that decodes to gigabytes) is refused before it is allocated."""
-    return min(RAW_CAP_MAX, max(RAW_CAP_MIN, RAW_CAP_RATIO * n_compressed))
-
-
-def _bounded_decode(codec: str, payload: bytes, cap: int) -> bytes:
-    """Decode in bounded steps; more than `cap` output bytes is an error, not an allocation."""
-    over = ValueError(f"{codec} payload expands beyond {cap:,} bytes ({RAW_CAP_RATIO}x the blob, at least {RAW_CAP_MIN >> 20} MiB): "
-                      "corrupt or hostile artifact")
-    step = 1 << 22
-    if codec == "none":
-        if len(payload) > cap:
-            raise over
-        return payload
-    if codec == "lzma":
-        d = lzma.LZMADecompressor()
-        out = d.decompress(payload, max_length=cap + 1)
-        if len(out) > cap:
-            raise over
-        if not d.eof:
-            raise ValueError("lzma payload is truncated")
-        return out
-    if codec == "zstd":
-        reader = _import_codec("zstandard", "zstandard").ZstdDecompressor().stream_reader(payload)
-        parts, n = [], 0
-        while True:
-            chunk = reader.read(step)
-            if not chunk:
-                break
-            parts.append(chunk)
-            n += len(chunk)
-            if n > cap:
-                raise over
-        return b"".join(parts)
-    brotli = _import_codec("brotli", "brotli")
-    d = brotli.Decompressor()
-    try:
-        out = d.process(payload, output_buffer_limit=step)
-    except TypeError:  # brotli < 1.2 cannot bound its output: decode whole, then check
-        out = brotli.decompress(payload)
-        if len(out) > cap:
-            raise over from None
-        return out
-    parts, n = [], 0
-    while True:
-        parts.append(out)
-        n += len(out)
-        if n > cap:
-            raise over
-        if d.is_finished():
-            return b"".join(parts)
-        if not out and d.can_accept_more_data():
-            raise ValueError("brotli payload is truncated")
-        out = d.process(b"", output_buffer_limit=step)
-
-
-def decompress_blob(blob: bytes, cap: int | None = None) -> bytes:
-    blob = bytes(blob)
-    if len(blob) < 4 or blob[:3] != BLOB_MAGIC:
-        raise ValueError(f"not a compressed PGZ blob (header {blob[:4]!r})")
-    codec = {v: k for k, v in _CODEC_IDS.items()}.get(blob[3:4])
-    if codec is None:
-        raise ValueError(f"unknown codec id {blob[3:4]!r} in PGZ blob")
-    try:
-        raw = _bounded_decode(codec, blob[4:], raw_cap(len(blob)) if cap is None else cap)
-    except (ValueError, RuntimeError):  # ours: over the cap, truncated, codec not installed
-        raise
-    except Exception as e:  # each library raises its own error type on corrupt input
-        raise ValueError(f"corrupt {codec} payload: {e}") from None
-    return byte_unshuffle(raw) if raw[:4] == BSHF_MAGIC else raw
-
-
 # ---- state-dict driver ---------------------------------------------------------------------------
 # plan(name, tensor) -> spec  (or a dict name -> spec), where spec is one of
 #   ("gptq", bits, clip_sigmas[, damp])  GPTQ with hessians[name]   -> name.q int8, name.scale fp16
@@ -2769,11 +2097,11 @@ def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
     return out
 
 
-def serialize_state(tensors: dict, meta: dict, compressor: str = "brotli", shuffle: int = 2) -> bytes:
+def serialize_state(tensors: dict, meta: dict, compressor: str = "brotli", shuffle: int = 2, **codec) -> bytes:
     """pack_state + compress_blob (or the per-group container); `meta` is stored as given (meta_for_storage slims it)."""
     if compressor == "pergroup":
         return serialize_pergroup(tensors, meta)
-    return compress_blob(pack_state(tensors, meta), compressor, shuffle)
+    return compress_blob(pack_state(tensors, meta), compressor, shuffle, **codec)
 
 
 def deserialize_state(blob: bytes) -> tuple:
@@ -2782,180 +2110,8 @@ def deserialize_state(blob: bytes) -> tuple:
     return unpack_state(decompress_blob(blob))
 
 
-# ---- per-group container (COMPRESSOR=pergroup, record #1855) -------------------------------------------------------
-# The int8 codes of each weight role (tok_emb, attn.c_q/c_k/c_v/proj, mlp.fc/proj) over all layers form one stream:
-# every matrix written transposed (column-major), the rows of the "hot" roles first put in greedy L1 nearest-neighbour
-# order (the permutation is stored), each stream compressed with whichever available codec makes it smallest
-# (brotli / lzma / zstd, lrzip -L 9 when the binary is installed). Everything else (scales, gates, LQER factors,
-# passthroughs, meta) takes the ordinary brotli path. Layout: b"PGRP" | uint32 header_len | JSON header | streams.
-PGRP_MAGIC = b"PGRP"
-PERGROUP_ROLES = ("tok_emb.weight.q", "attn.c_q.weight.q", "attn.c_k.weight.q", "attn.c_v.weight.q", "attn.proj.weight.q",
-                  "mlp.fc.weight.q", "mlp.proj.weight.q")
-PERGROUP_HOT = ("tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q")
-
-
-def _perm_dtype(rows: int):
-    """Storage of a stored row permutation: uint16 while row indices fit."""
-    return np.uint32 if rows > 65536 else np.uint16
-
-
-def tensor_role(name: str) -> str:
-    """'blocks.3.attn.c_q.weight.q' -> 'attn.c_q.weight.q' (the layer index dropped)."""
-    return re.sub(r"^blocks\.\d+\.", "", name)
-
-
-def l1_row_order(q: torch.Tensor) -> list[int]:
-    """Greedy nearest-neighbour row order: start at row 0, then always the unused row closest in L1 to the last one."""
-    rows = q.to(torch.int32)
-    left = torch.ones(rows.size(0), dtype=torch.bool)
-    order, cur = [0], 0
-    left[0] = False
-    for _ in range(rows.size(0) - 1):
-        d = (rows - rows[cur]).abs().sum(1)
-        d[~left] = torch.iinfo(torch.int32).max
-        cur = int(torch.argmin(d))
-        order.append(cur)
-        left[cur] = False
-    return order
-
-
-def _lrzip(args: list[str], data: bytes) -> bytes:
-    import subprocess
-    import tempfile
-    with tempfile.TemporaryDirectory(prefix="pgrp_") as d:
-        src, dst = Path(d) / "in", Path(d) / "out"
-        src.write_bytes(data)
-        r = subprocess.run(["lrzip", "-q", "-f", *args, "-o", str(dst), str(src)], capture_output=True)
-        if r.returncode != 0:
-            raise ValueError(f"lrzip {' '.join(args)} failed: {r.stderr.decode(errors='replace').strip()[:200]}")
-        if "-d" in args and dst.stat().st_size > raw_cap(len(data)):
-            raise ValueError(f"lrzip stream expands beyond {raw_cap(len(data)):,} bytes: corrupt or hostile artifact")
-        return dst.read_bytes()
-
-
-def pergroup_codecs() -> list[str]:
-    """The codecs a pergroup stream may use here: the Python ones that import, and lrzip when its binary exists."""
-    import shutil
-    return [c for c, m in (("brotli", "brotli"), ("lzma", "lzma"), ("zstd", "zstandard")) if module_available(m)] + \
-        (["lrzip"] if shutil.which("lrzip") else [])
-
-
-def _stream_compress(raw: bytes, codec: str) -> bytes:
-    if codec == "lrzip":
-        return _lrzip(["-z", "-L", "9"], raw)
-    return compress_blob(raw, codec, 0)[4:]
-
-
-def _stream_decompress(payload: bytes, codec: str) -> bytes:
-    if codec == "lrzip":
-        import shutil
-        if not shutil.which("lrzip"):
-            raise RuntimeError("this pergroup artifact has lrzip-compressed streams: install lrzip (apt-get install lrzip)")
-        return _lrzip(["-d"], payload)
-    if codec not in _CODEC_IDS:
-        raise ValueError(f"pergroup stream with unknown codec {codec!r}")
-    return decompress_blob(BLOB_MAGIC + _CODEC_IDS[codec] + payload)
-
-
-def serialize_pergroup(tensors: dict, meta: dict, codecs: list[str] | None = None) -> bytes:
-    codecs = codecs or pergroup_codecs()
-    groups: dict[str, list[str]] = {}
-    for name, t in tensors.items():
-        if tensor_role(name) in PERGROUP_ROLES and t.dtype == torch.int8 and t.dim() == 2:
-            groups.setdefault(tensor_role(name), []).append(name)
-    grouped = {n for names in groups.values() for n in names}
-    header: dict = {"version": 2, "groups": []}
-    streams, perms = [], []
-    for role in (r for r in PERGROUP_ROLES if r in groups):
-        parts, entries = [], []
-        for name in groups[role]:
-            q = tensors[name]
-            order = l1_row_order(q) if role in PERGROUP_HOT and q.size(0) > 2 else None
-            if order is not None:
-                q = q[order]
-                perms.append(np.asarray(order, dtype=_perm_dtype(q.size(0))).tobytes())
-            parts.append(q.t().contiguous().numpy().tobytes())
-            entries.append({"name": name, "shape": list(q.shape), "perm": order is not None})
-        raw = b"".join(parts)
-        sizes = {c: _stream_compress(raw, c) for c in codecs}
-        best = min(sizes, key=lambda c: len(sizes[c]))
-        header["groups"].append({"role": role, "tensors": entries, "codec": best, "nbytes": len(sizes[best]), "crc32": zlib.crc32(raw),
-                                 "bytes_by_codec": {c: len(v) for c, v in sizes.items()}})
-        streams.append(sizes[best])
-    perm_blob = compress_blob(b"".join(perms), "brotli", 0) if perms else b""
-    header["perm_crc32"] = zlib.crc32(b"".join(perms))
-    rest = serialize_state({n: t for n, t in tensors.items() if n not in grouped}, meta, "brotli")
-    header["perm_nbytes"], header["rest_nbytes"] = len(perm_blob), len(rest)
-    hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head = PGRP_MAGIC + struct.pack("<I", len(hdr)) + hdr
-    # version 2: the header's CRC32 follows it; each stream's raw bytes carry theirs (the rest is a PGQ1 blob: its own)
-    return head + struct.pack("<I", zlib.crc32(head)) + b"".join(streams) + perm_blob + rest
-
-
-def deserialize_pergroup(blob: bytes) -> tuple:
-    blob = bytes(blob)
-    if len(blob) < 8:
-        raise ValueError(f"pergroup artifact truncated: {len(blob)} bytes")
-    (hlen,) = struct.unpack("<I", blob[4:8])
-    if 8 + hlen + 4 > len(blob):
-        raise ValueError(f"pergroup header length {hlen} exceeds the artifact's {len(blob)} bytes (truncated?)")
-    (stored,) = struct.unpack("<I", blob[8 + hlen:12 + hlen])
-    if zlib.crc32(blob[:8 + hlen]) != stored:
-        raise ValueError("pergroup artifact: header checksum mismatch: the artifact is corrupt (or from a version 1 writer: repack it)")
-    header = _json_header(blob[8:8 + hlen], "pergroup")
-    try:
-        return _pergroup_tensors(blob, header, 12 + hlen)
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
-        raise ValueError(f"pergroup artifact: malformed header ({type(e).__name__}: {e})") from None
-
-
-def _pergroup_tensors(blob: bytes, header: dict, pos: int) -> tuple:
-    groups = header["groups"]
-    if header.get("version") != 2 or not isinstance(groups, list):
-        raise ValueError("pergroup artifact: header must be {'version': 2, 'groups': [...]}")
-    payloads = []
-    for g in groups:
-        if type(g["nbytes"]) is not int or g["nbytes"] < 0 or pos + g["nbytes"] > len(blob):
-            raise ValueError(f"pergroup artifact: group {g.get('role')!r} byte count {g['nbytes']!r} out of range")
-        payloads.append(blob[pos:pos + g["nbytes"]])
-        pos += g["nbytes"]
-    pn, rn = header["perm_nbytes"], header["rest_nbytes"]
-    if type(pn) is not int or type(rn) is not int or pn < 0 or rn < 0 or pos + pn + rn != len(blob):
-        raise ValueError(f"pergroup artifact: {len(blob)} bytes, the header accounts for {pos}+{pn!r}+{rn!r}")
-    perm_raw = decompress_blob(blob[pos:pos + pn]) if pn else b""
-    if zlib.crc32(perm_raw) != header["perm_crc32"]:
-        raise ValueError("pergroup artifact: row permutations fail their checksum: the artifact is corrupt")
-    pos += pn
-    tensors, meta = deserialize_state(blob[pos:pos + rn])
-    ppos = 0
-    for g, payload in zip(groups, payloads):
-        raw, off = _stream_decompress(payload, g["codec"]), 0
-        if zlib.crc32(raw) != g["crc32"]:
-            raise ValueError(f"pergroup artifact: group {g['role']!r} fails its checksum: the artifact is corrupt")
-        for e in g["tensors"]:
-            R, C = e["shape"]
-            if type(R) is not int or type(C) is not int or R < 0 or C < 0 or off + R * C > len(raw) or e["name"] in tensors:
-                raise ValueError(f"pergroup artifact: tensor {e['name']!r} of shape {e['shape']!r} does not fit group {g['role']!r}")
-            q = torch.from_numpy(np.frombuffer(raw, dtype=np.int8, count=R * C, offset=off).copy()).view(C, R).t().contiguous()
-            off += R * C
-            if e["perm"]:
-                dt = _perm_dtype(R)
-                if ppos + R * np.dtype(dt).itemsize > len(perm_raw):
-                    raise ValueError(f"pergroup artifact: row permutation of {e['name']!r} out of range")
-                order = np.frombuffer(perm_raw, dtype=dt, count=R, offset=ppos).astype(np.int64)
-                ppos += R * np.dtype(dt).itemsize
-                if not np.array_equal(np.sort(order), np.arange(R)):
-                    raise ValueError(f"pergroup artifact: the stored row order of {e['name']!r} is not a permutation")
-                restored = torch.empty_like(q)
-                restored[torch.from_numpy(order)] = q
-                q = restored
-            tensors[e["name"]] = q
-        if off != len(raw):
-            raise ValueError(f"pergroup artifact: group {g['role']} holds {len(raw)} bytes, its tensors {off}")
-    return tensors, meta
-
 # ----------------------------------------------------------------------------------------------
-# QUANTIZATION OF THIS MODEL: Hessians E[x x^T] from TRAINING batches (inside the budget), the
+# ARTIFACT OF THIS MODEL: Hessians E[x x^T] from TRAINING batches (inside the budget), the
 # per-tensor plan (bits / clip sigmas by class), and the artifact (config + quantized weights).
 # ----------------------------------------------------------------------------------------------
 
@@ -2982,7 +2138,7 @@ def collect_hessians(model: GPT, loader: DistributedLoader, n_batches: int, devi
         for _ in range(n_batches):
             x, _y, _cu = loader.next()
             with autocast_ctx(device):
-                add(head, model.hidden(x, make_masks(model.cfg, x, model.bos_id)))
+                add(head, model.hidden(x, model.masks(x)))
     finally:
         for h in hooks:
             h.remove()
@@ -2998,8 +2154,14 @@ def quant_plan(cfg: Config, roles: Mapping[str, tuple[str, str]]) -> Callable:
     """Storage of each state tensor by its declared quantization class (`param_roles`); matrices of more than
     65,536 elements are quantized, smaller tensors pass through as fp16 (gates as int8 rows with GATE_QUANT_INT8)."""
     mb, eb = cfg.matrix_bits, cfg.embed_bits
+    keep_fp16 = {n.strip() for n in cfg.fp16_tensors.split(",") if n.strip()}
+    unknown = sorted(keep_fp16 - set(roles))
+    if unknown:
+        raise ConfigError(f"FP16_TENSORS: {unknown[0]!r} is not a parameter of this model (e.g. {sorted(roles)[:3]})")
 
     def plan(name: str, t: torch.Tensor):
+        if name in keep_fp16:
+            return ("fp16",)
         cls = roles[name][1] if name in roles else "control"
         big = t.ndim == 2 and t.numel() > 65536
         if cfg.quant == "int8" and big:
@@ -3035,7 +2197,8 @@ def build_artifact(tensors: dict, qmeta: dict, cfg: Config, bos_id: int) -> byte
     # Per-run names stay out, so the same code + seed give the same artifact bytes anywhere.
     meta["model_config"] = {k: v for k, v in cfg.to_dict().items() if k not in ("RUN_ID", "RUN_DIR")}
     meta["bos_id"] = bos_id
-    return serialize_state(tensors, meta, cfg.compressor)
+    return serialize_state(tensors, meta, cfg.compressor, lgwin=cfg.brotli_lgwin,
+                           lzma_preset=cfg.lzma_preset | (lzma.PRESET_EXTREME if cfg.lzma_extreme else 0))
 
 
 def check_manifest(cfg: Config, tensors: dict, meta: dict, bos_id: int) -> None:
@@ -3092,7 +2255,7 @@ def load_artifact(blob: bytes, device, env_overrides: Mapping[str, str] | None =
     bake_shared_heads(model)  # stored weights are already baked; the forward must not re-tie
     model.load_state_dict(sd)
     model.looping_active = cfg.num_loops > 0
-    return model.to(device), cfg
+    return model.to(device).set_kernels(resolve_kernels(cfg, device)), cfg
 
 
 EVAL_OVERRIDABLE = {"DATA_PATH", "TOKENIZER_PATH", "VAL_MAX_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS", "EVAL_DOC_ATTENTION",
@@ -3149,7 +2312,7 @@ def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, bat
         seq = tokens[idx].to(device, non_blocking=True)
         x, y = seq[:, :-1], seq[:, 1:]
         with autocast_ctx(device):
-            nll = fwd(x, y, make_masks(model.cfg, x, model.bos_id), "none", lora).double()
+            nll = fwd(x, y, model.masks(x), "none", lora).double()
         m = ar[None, :] >= (L - ns)[:, None]
         loss_sum += (nll * m).sum()
         n_tok += m.sum()
@@ -3308,7 +2471,7 @@ def eval_ttt_chunked(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, 
                 for i in mine:
                     x, y, v = xs[i:i + 1].to(device), ys[i:i + 1].to(device), valid[i:i + 1].to(device)
                     with autocast_ctx(device):
-                        nll = model(x, y, make_masks(cfg, x, model.bos_id), "none", adapters.weights())
+                        nll = model(x, y, model.masks(x), "none", adapters.weights())
                     ((nll * v).sum() / count).backward()
                 all_reduce_grads(params, world)
                 opt.step()
@@ -3405,7 +2568,7 @@ def ttt_global_sgd(fwd, model: GPT, cfg: Config, stream: torch.Tensor, device, r
                     valid = (torch.arange(W)[None, :] < torch.tensor([n for _, n in part])[:, None]).to(device)
                     x, y = x.to(device), y.to(device)
                     with autocast_ctx(device):
-                        nll = fwd(x, y, make_masks(cfg, x, model.bos_id, doc=True), "none", None)
+                        nll = fwd(x, y, model.masks(x, doc=True), "none", None)
                     loss = (nll * valid).sum() / (c1 - c0)
                     loss.backward()
                     loss_sum += loss.item() * (c1 - c0)
@@ -3452,7 +2615,7 @@ def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens:
         scored = valid & (ar >= info[2][:, None])
         trains = [c < n_chunks[i] - 1 for i in active] + [False] * (rows - len(active))  # a last chunk is never trained on
         train = torch.tensor(trains, device=device)
-        masks = make_masks(cfg, x, model.bos_id, doc=False)  # one document per row, right-padded: plain causal is exact
+        masks = model.masks(x, doc=False)  # one document per row, right-padded: plain causal is exact
         lora = (adapters.weights(rows) if prefix else adapters.weights(torch.tensor(active, device=device))) if adapters.a else None
         learn = opt is not None and any(trains)  # from the host list: no device sync per chunk step
         for step in range(cfg.ttt_grad_steps if learn else 1):
@@ -3561,7 +2724,7 @@ def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
     adapters = TTTAdapters(cfg, n_virtual, R, device, 0)
     # one long document; the others end after their first chunk. R - 1 documents: a first call whose row count equals
     # its window length (64 and 64 at the defaults) makes dynamo "duck size" both to one symbol, and every later
-    # window length then recompiles the graph (seen on the H200: ~2 min per compile)
+    # window length then recompiles the graph (minutes each: BENCHMARKS.md, "Phased TTT")
     lengths = [W + 2 * C + 1] + [C + 1] * max(0, R - 2)
     stream = torch.randint(0, cfg.vocab_size, (sum(lengths),), generator=g)
     docs = [(int(s), n) for s, n in zip(np.cumsum([0] + lengths[:-1]), lengths)]
@@ -3574,7 +2737,7 @@ def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
             freeze_base(model, False)
             x = torch.randint(0, cfg.vocab_size, (min(cfg.global_ttt_batch_seqs, max(1, cfg.global_ttt_chunk_tokens // W)), W + 1), generator=g).to(device)
             with autocast_ctx(device):
-                fwd(x[:, :-1], x[:, 1:], make_masks(cfg, x[:, :-1], model.bos_id, doc=True), "none", None).mean().backward()
+                fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1], doc=True), "none", None).mean().backward()
             model.zero_grad(set_to_none=True)
     finally:
         freeze_base(model, False)
@@ -3637,15 +2800,15 @@ def code_info() -> tuple[bytes, str]:
     return code, hashlib.sha256(code).hexdigest()
 
 
-def warm_compiled(fwd, cfg: Config, device, vocab: int, batch: int):
+def warm_compiled(fwd, model: GPT, device, batch: int):
     """Compile warmup on RANDOM tokens (never validation data), outside the eval timer."""
     if fwd is None:
         return 0.0
     t0 = time.perf_counter()
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randint(0, vocab, (batch, cfg.eval_seq_len + 1), generator=g).to(device)
+    x = torch.randint(0, model.cfg.vocab_size, (batch, model.cfg.eval_seq_len + 1), generator=g).to(device)
     with torch.no_grad(), autocast_ctx(device):
-        fwd(x[:, :-1], x[:, 1:], make_masks(cfg, x[:, :-1], 1), "none")
+        fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1]), "none")
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -3656,7 +2819,7 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     use_compile = cfg.compile and device.type == "cuda"
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     L = min(cfg.eval_seq_len, len(val) - 1)
-    warm_s = warm_compiled(fwd if use_compile else None, cfg, device, cfg.vocab_size, cfg.eval_batch_seqs)
+    warm_s = warm_compiled(fwd if use_compile else None, model, device, cfg.eval_batch_seqs)
     ttt_fwd = None
     if cfg.ttt_enabled and cfg.ttt_mode == "phased":  # the phased forward sees a new window length every chunk step
         ttt_fwd = torch.compile(model, dynamic=True) if use_compile and cfg.ttt_compile else model
@@ -3739,9 +2902,10 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
         atomic_write_bytes(run_dir / "train_gpt.py", code)
     if not eval_only:  # eval-only logs the artifact's config once it is loaded
         log("config", **cfg.to_dict())
+    kernels = resolve_kernels(cfg, device)  # every kernel check, once, before anything is compiled
     log("env", torch=torch.__version__, cuda=torch.version.cuda or "none", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        world_size=world, flash_attn=FLASH_ATTN or "none", attention=attention_kernel_name(cfg, device),
-        mlp_kernel=mlp_kernel_name(cfg, device), code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
+        world_size=world, flash_attn=FLASH_ATTN or "none", attention=kernels.attention, mlp_kernel=kernels.mlp,
+        fused_grads=cfg.fused_grads, code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
     for verdicts, what in ((FA4_CHECK, "flash-attn-4 is installed but not used (SDPA instead)"),
                            (MLP_DGRAD_CHECK, "the Triton MLP kernel is not used (cuBLAS + inductor instead)")):
         failed = verdicts.get(device.index or 0) if device.type == "cuda" else None
@@ -3766,7 +2930,8 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
         val_bytes_from="sidecar" if luts.sidecar is not None else "luts",
         tokenizer_pieces=sp.vocab_size(), bos_id=bos)
 
-    model = GPT(cfg, bos).to(device)
+    model = GPT(cfg, bos, kernels).to(device)
+    quant_plan(cfg, param_roles(model))  # FP16_TENSORS names are checked now, not after training
     log("model", params=sum(p.numel() for p in model.parameters()), layers_virtual=len(layer_order(cfg, True)))
     trainer = Trainer(cfg, model, device, rank, world, train_files, log)
     L = min(cfg.eval_seq_len, len(val) - 1)
@@ -3950,6 +3115,990 @@ def main(argv: list[str] | None = None) -> int:
             # called without an active exception") after all their work was done; with it 0 in 60.
             gc.collect()
             dist.destroy_process_group()
+
+
+# ==============================================================================================
+# APPENDIX: machinery. The recipe above calls into it; nothing here changes what is computed.
+#   A. kernels: FlashAttention 3/2/4 entry points, the Triton MLP dgrad kernel and their on-device checks, attention
+#      masks, the fused-gradient autograd Functions; resolve_kernels chooses among them once per device.
+#   B. containers: PGQ1 (tensors + JSON meta, no pickle, CRC32 trailer) and the per-group container (COMPRESSOR=pergroup).
+#   C. codecs: byte shuffle, brotli / zstd / lzma / lrzip, size-bounded decompression.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# APPENDIX A. KERNELS: resolve_kernels and the kernels, checks, masks and fused-gradient Functions it picks from.
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Kernels:
+    """What the model runs on for one config and device, chosen once (`resolve_kernels`) before compile, so the
+    compiled step reads fixed attributes instead of asking a policy on every forward."""
+    cfg: Config
+    device: torch.device          # resolved for this device
+    attention: str                # fa3 | fa2 | fa4 | sdpa | flex: full-causal attention (for the log)
+    flash: Callable | None        # dense flash_attn_func(q, k, v, causal, window_size), None = SDPA / FlexAttention
+    varlen: Callable | None       # varlen(q, k, v, cu_seqlens, max_seqlen, window) for document attention, or None
+    flex: bool                    # window / document masks as FlexAttention BlockMasks (CUDA) instead of dense SDPA masks
+    mlp_dgrad: Callable | None    # the fused MLP dgrad op, None = cuBLAS + inductor
+    scale: Callable               # scale(t, s), skip_mix(x, skip, w, g), lane_mix(...): the model's math, with
+    skip_mix: Callable            # fused-gradient versions under FUSED_GRADS=1
+    lane_mix: Callable
+    window_masks: dict = dataclasses.field(default_factory=dict, repr=False)  # static window masks by (T, device)
+
+    @property
+    def mlp(self) -> str:
+        return "triton" if self.mlp_dgrad is not None else "torch"
+
+    def __deepcopy__(self, memo):  # stateless choices (the mask cache is a pure function of its key): shared
+        return self
+
+    def masks(self, x: torch.Tensor, bos_id: int, train: bool = False, cu_seqlens: torch.Tensor | None = None,
+              doc: bool | None = None) -> dict:
+        """Mask objects for a batch ({} when every layer takes the plain causal fast path). Document attention
+        (DOC_ATTENTION for training, EVAL_DOC_ATTENTION otherwise, `doc` when given): {"varlen": (cu_seqlens, max_seqlen)}
+        with a varlen kernel, else per-window masks over segment ids; `cu_seqlens` comes from the loader in training
+        (computed here from x otherwise: a host sync). Window-only masks are static and cached."""
+        cfg = self.cfg
+        if doc if doc is not None else cfg.doc_attention if train else cfg.eval_doc_attention_on:
+            max_len = min(cfg.train_seq_len if train else x.size(1), x.numel())
+            if cu_seqlens is None:
+                cu_seqlens = torch.from_numpy(doc_cu_seqlens(x.detach().cpu().numpy(), bos_id, max_len)).to(x.device)
+            if self.varlen is not None:
+                return {"varlen": (cu_seqlens, max_len)}
+            return build_masks(cfg, x.size(1), x.device, segment_ids(cu_seqlens, x.shape), self.flex)
+        if (self.flash is not None and x.is_cuda) or not any(cfg.layer_windows()):
+            return {}
+        key = (x.size(1), str(x.device))
+        if key not in self.window_masks:
+            self.window_masks[key] = build_masks(cfg, x.size(1), x.device, None, self.flex and x.is_cuda)
+        return self.window_masks[key]
+
+
+def resolve_kernels(cfg: Config, device) -> Kernels:
+    """Every kernel choice for `cfg` on `device`, with the on-device checks of the optional kernels (FA4, the Triton
+    MLP dgrad) run here, eagerly: a kernel that fails its check is not used (auto) or fails loudly (asked for)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    flash = flash_kernel(cfg, device) if cuda else None
+    attention = (FLASH_ATTN if flash is _flash_attn_func else "fa4") if flash is not None else \
+        "flex" if cuda and cfg.attn_backend == "flex" else "sdpa"
+    ops = (fused_scale, fused_skip_mix, fused_lane_mix) if cfg.fused_grads else (scale, skip_mix, lane_mix)
+    return Kernels(cfg, device, attention, flash, varlen_kernel(cfg, device), cuda and flash is None and cfg.attn_backend != "sdpa",
+                   mlp_dgrad_kernel(cfg, device), *ops)
+
+
+try:  # FlashAttention 3 (Hopper) or 2, used when importable; everything works without it.
+    from flash_attn_interface import flash_attn_func as _flash_attn_func, flash_attn_varlen_func as _flash_varlen_func  # type: ignore
+    FLASH_ATTN = "fa3"
+except Exception:
+    try:
+        from flash_attn import flash_attn_func as _flash_attn_func, flash_attn_varlen_func as _flash_varlen_func  # type: ignore
+        FLASH_ATTN = "fa2"
+    except Exception:
+        _flash_attn_func, _flash_varlen_func, FLASH_ATTN = None, None, None
+
+_FA4: list = []  # [callable or None] once loaded
+
+
+def fa4_attention():
+    """FlashAttention 4 (`pip install flash-attn-4`: CuTe DSL, JIT-compiled, Hopper/Blackwell) as
+    flash_attn_func(q, k, v, causal, window_size), or None when not importable. Forward and backward are
+    registered as torch custom ops so torch.compile keeps the step one graph (FA4's own autograd.Function
+    would be a graph break per layer). Loaded on first use: importing the DSL takes seconds."""
+    if _FA4:
+        return _FA4[0]
+    try:
+        from flash_attn.cute import interface as fa4  # type: ignore
+    except Exception:
+        _FA4.append(None)
+        return None
+
+    def windows(window: int):  # our window w = keys q-w..q; FA's (left, right)
+        return (window, 0) if window > 0 else (None, None)
+
+    @torch.library.custom_op("train_gpt::fa4_fwd", mutates_args=())
+    def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        left, right = windows(window)
+        out, lse = fa4._flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, window_size_left=left,
+                                       window_size_right=right, return_lse=True)[:2]
+        return out, lse
+
+    @fa4_fwd.register_fake
+    def _(q, k, v, window):
+        B, T, H, D = q.shape
+        return q.new_empty((B, T, H, v.size(-1))), q.new_empty((B, H, T), dtype=torch.float32)
+
+    @torch.library.custom_op("train_gpt::fa4_bwd", mutates_args=())
+    def fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        left, right = windows(window)
+        dq, dk, dv = fa4._flash_attn_bwd(q.contiguous(), k.contiguous(), v.contiguous(), out, dout.contiguous(), lse,
+                                         causal=True, window_size_left=left, window_size_right=right)[:3]
+        return dq, dk, dv
+
+    @fa4_bwd.register_fake
+    def _(dout, q, k, v, out, lse, window):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, window = inputs
+        ctx.save_for_backward(q, k, v, *output)
+        ctx.window = window
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = fa4_bwd(dout, q, k, v, out, lse, ctx.window)
+        return dq, dk, dv, None
+
+    fa4_fwd.register_autograd(backward, setup_context=setup_context)
+
+    # Varlen (DOC_ATTENTION): q/k/v [total, H, D] with int32 cu_seqlens; segments attend only within themselves.
+    @torch.library.custom_op("train_gpt::fa4_varlen_fwd", mutates_args=())
+    def fa4_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
+                       window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        left, right = windows(window)
+        out, lse = fa4._flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                       max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True,
+                                       window_size_left=left, window_size_right=right, return_lse=True)[:2]
+        return out, lse
+
+    @fa4_varlen_fwd.register_fake
+    def _(q, k, v, cu, max_seqlen, window):
+        N, H, _ = q.shape
+        return q.new_empty((N, H, v.size(-1))), q.new_empty((H, N), dtype=torch.float32)
+
+    @torch.library.custom_op("train_gpt::fa4_varlen_bwd", mutates_args=())
+    def fa4_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, cu: torch.Tensor, max_seqlen: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        left, right = windows(window)
+        dq, dk, dv = fa4._flash_attn_bwd(q.contiguous(), k.contiguous(), v.contiguous(), out, dout.contiguous(), lse,
+                                         causal=True, window_size_left=left, window_size_right=right, cu_seqlens_q=cu,
+                                         cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+        return dq, dk, dv
+
+    @fa4_varlen_bwd.register_fake
+    def _(dout, q, k, v, out, lse, cu, max_seqlen, window):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def varlen_setup_context(ctx, inputs, output):
+        q, k, v, cu, max_seqlen, window = inputs
+        ctx.save_for_backward(q, k, v, cu, *output)
+        ctx.max_seqlen, ctx.window = max_seqlen, window
+
+    def varlen_backward(ctx, dout, dlse):
+        q, k, v, cu, out, lse = ctx.saved_tensors
+        return (*fa4_varlen_bwd(dout, q, k, v, out, lse, cu, ctx.max_seqlen, ctx.window), None, None, None)
+
+    fa4_varlen_fwd.register_autograd(varlen_backward, setup_context=varlen_setup_context)
+
+    def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)):
+        assert causal, "fa4_attention: causal only"
+        return fa4_fwd(q, k, v, max(int(window_size[0]), 0))[0]
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, window=0):
+        return fa4_varlen_fwd(q, k, v, cu_seqlens, int(max_seqlen), int(window))[0]
+
+    flash_attn_func.varlen = flash_attn_varlen_func
+    _FA4.append(flash_attn_func)
+    return flash_attn_func
+
+
+def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, window=0):
+    """FA3's / FA2's flash_attn_varlen_func in the signature of FA4's varlen wrapper (causal)."""
+    out = _flash_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                             window_size=(window, 0) if window else (-1, -1))
+    return out[0] if isinstance(out, tuple) else out
+
+
+FA4_CHECK: dict = {}  # device index -> None (FA4 matched SDPA on the probe) or why it is not used
+
+
+def fa4_check(device) -> str | None:
+    """Run FA4 once (fwd + bwd, causal GQA, bf16) on `device` against fp32 SDPA and remember the verdict:
+    a broken flash-attn-4 install (DSL/CUDA library mismatch, unsupported GPU) then falls back to SDPA under
+    auto instead of failing inside the compiled step. Runs eagerly, from resolve_kernels."""
+    return checked_kernel(FA4_CHECK, device, fa4_attention(), _fa4_probe, "flash_attn.cute.interface does not import")
+
+
+def checked_kernel(verdicts: dict, device, kernel, probe: Callable, missing: str) -> str | None:
+    """Memoized (per process and device) check of an optional kernel: `probe(kernel, device)` returns None when the
+    kernel matches its reference, else why not; an exception (or kernel None: `missing`) also means "do not use it"."""
+    key = device.index if device.index is not None else 0
+    if key in verdicts:
+        return verdicts[key]
+    try:
+        if kernel is None:
+            raise ImportError(missing)
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            verdict = probe(kernel, device)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        verdict = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    verdicts[key] = verdict
+    return verdict
+
+
+def _fa4_probe(fn, device) -> str | None:
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    B, T, H, Hkv, D = 2, 256, 4, 2, 64
+    q, k, v = (torch.randn(B, T, h, D, device=device, dtype=dtype, generator=g).requires_grad_() for h in (H, Hkv, Hkv))
+    go = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g)
+    out = fn(q, k, v, causal=True, window_size=(-1, -1))
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref_in), is_causal=True, enable_gqa=True).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref, ref_in, go.float())
+    def worst_error(got, want):  # max relative error over out/dq/dk/dv
+        return max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want))
+
+    worst = worst_error((out, *grads), (ref, *ref_grads))
+    if not (math.isfinite(worst) and worst < 0.05):
+        return f"differs from SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
+    varlen = getattr(fn, "varlen", None)
+    if varlen is None:
+        return None
+    # varlen: the same batch as one packed sequence, segments = [rows cut at BOS-like points], padded cu_seqlens
+    ids = torch.ones(B, T, dtype=torch.int64)
+    ids[0, 100], ids[1, 7] = 0, 0
+    cu = torch.from_numpy(doc_cu_seqlens(ids.numpy(), 0, T)).to(device)
+    flat = [t.detach().reshape(B * T, *t.shape[2:]).requires_grad_() for t in (q, k, v)]
+    out = varlen(*flat, cu, T, 0)
+    grads = torch.autograd.grad(out, flat, go.reshape(B * T, H, D))
+    seg = segment_ids(cu, (1, B * T))[0]
+    mask = (seg[:, None] == seg[None, :]) & torch.ones(B * T, B * T, dtype=torch.bool, device=device).tril()
+    ref_in = [t.detach().float().requires_grad_() for t in flat]
+    ref = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in ref_in), attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+    ref_grads = torch.autograd.grad(ref, ref_in, go.reshape(B * T, H, D).float())
+    worst = worst_error((out, *grads), (ref, *ref_grads))
+    return None if math.isfinite(worst) and worst < 0.05 else f"varlen differs from masked SDPA: max relative error {worst:.3g} (out/dq/dk/dv)"
+
+
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _indexed_cuda(device=None) -> torch.device:
+    """`device` with its index; a bare "cuda" (or None) is the current CUDA device."""
+    return device if device is not None and device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def flash_kernel(cfg: Config, device=None):
+    """The flash-attn function this config attends with on a CUDA device, or None (SDPA / FlexAttention).
+    auto: FlashAttention 3, else FlashAttention 4 on Hopper or newer once it has passed `fa4_check` on this
+    device (it beats cuDNN's SDPA in the full step: BENCHMARKS.md), else SDPA; FlashAttention 2 only when asked
+    for (flash): it predates Hopper and is slower there than cuDNN's SDPA. ATTN_BACKEND=fa4
+    fails loudly when the check fails. DOC_ATTENTION uses the same kernel's varlen entry point (`varlen_kernel`)."""
+    backend = cfg.attn_backend
+    if backend in ("sdpa", "flex"):
+        return None
+    if backend == "flash" or (backend == "auto" and FLASH_ATTN == "fa3"):
+        return _flash_attn_func
+    device = _indexed_cuda(device)
+    if backend == "auto" and (_cuda_major(device.index) < 9 or fa4_attention() is None):
+        return None
+    why = fa4_check(device)
+    if why is not None and backend == "fa4":
+        raise RuntimeError(f"ATTN_BACKEND=fa4: flash-attn-4 failed its check on {device}: {why}")
+    return None if why is not None else fa4_attention()
+
+
+def varlen_kernel(cfg: Config, device=None):
+    """varlen(q, k, v, cu_seqlens, max_seqlen, window) of the flash kernel this config attends with (FA3/FA2's
+    flash_attn_varlen_func or FA4's), or None: DOC_ATTENTION then uses document masks (FlexAttention / SDPA)."""
+    flash = flash_kernel(cfg, device) if device is not None and device.type == "cuda" else None
+    if flash is None:
+        return None
+    return _flash_varlen if flash is _flash_attn_func else getattr(flash, "varlen", None)
+
+
+_MLP_DGRAD: list = []  # [custom op or None] once loaded
+MLP_DGRAD_CHECK: dict = {}  # device index -> None (the Triton kernel matched fp32 on the probe) or why it is not used
+MLP_DGRAD_TILE = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)  # an autotuning's pick (BENCHMARKS.md)
+
+
+def mlp_dgrad_op():
+    """The MLP backward's dgrad GEMM with the activation derivative in its epilogue, as a torch custom op
+    mlp_dgrad(g, w2, pre, slope) = (g @ w2) * f'(pre), f(u) = leaky_relu(u, slope)^2, f'(u) = 2u (u > 0) or
+    2 slope^2 u; or None without triton. One Triton kernel (TMA loads/stores, persistent over output tiles) in
+    place of cuBLAS + a pass that reads the [tokens x hidden] product and pre again (its gain: BENCHMARKS.md).
+    TRITON_INTERPRET=1 runs it on a CPU."""
+    if _MLP_DGRAD:
+        return _MLP_DGRAD[0]
+    try:
+        import triton
+        import triton.language as tl
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except Exception:
+        _MLP_DGRAD.append(None)
+        return None
+
+    @triton.jit
+    def dgrad_kernel(g_desc, w_desc, pre_desc, out_desc, M, N, slope, K: tl.constexpr, PROGRAMS: tl.constexpr,
+                     TILES_PER_PROGRAM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+        # builtins only, no tl.cdiv / tl.zeros (jit functions): the CPU interpreter (tests) cannot call those when
+        # triton was imported before TRITON_INTERPRET=1 was set
+        grid_m, grid_n = (M + BM - 1) // BM, (N + BN - 1) // BN
+        for i in tl.range(0, TILES_PER_PROGRAM, flatten=True):  # persistent: loads of the next tile overlap this epilogue
+            tile = tl.program_id(0) + i * PROGRAMS
+            if tile < grid_m * grid_n:
+                per_group = GROUP_M * grid_n  # GROUP_M row blocks in a row share w's column blocks in L2
+                first_m = (tile // per_group) * GROUP_M
+                size_m = min(grid_m - first_m, GROUP_M)
+                om = (first_m + (tile % per_group) % size_m) * BM
+                on = ((tile % per_group) // size_m) * BN
+                acc = tl.full((BM, BN), 0.0, tl.float32)
+                for k in range(0, K, BK):
+                    acc = tl.dot(g_desc.load([om, k]), w_desc.load([k, on]), acc)
+                u = pre_desc.load([om, on]).to(tl.float32)
+                out_desc.store([om, on], (acc * tl.where(u > 0, 2.0 * u, (2.0 * slope * slope) * u)).to(out_desc.dtype))
+
+    @torch.library.custom_op("train_gpt::mlp_dgrad", mutates_args=())
+    def mlp_dgrad(g: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, slope: float) -> torch.Tensor:
+        g, w2, pre = g.contiguous(), w2.contiguous(), pre.contiguous()
+        (M, K), N = g.shape, w2.size(1)
+        out = torch.empty_like(pre)
+        tile = MLP_DGRAD_TILE if g.is_cuda else dict(BM=32, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=1)
+        BM, BN, BK = tile["BM"], tile["BN"], tile["BK"]
+        descs = [TensorDescriptor.from_tensor(t, shape) for t, shape in ((g, [BM, BK]), (w2, [BK, BN]), (pre, [BM, BN]), (out, [BM, BN]))]
+        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+        programs = min(tiles, torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 4)
+        dgrad_kernel[(programs,)](*descs, M, N, float(slope), K, programs, triton.cdiv(tiles, programs), BM, BN, BK,
+                                  tile["GROUP_M"], num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+        return out
+
+    @mlp_dgrad.register_fake
+    def _(g, w2, pre, slope):
+        return torch.empty_like(pre)
+
+    _MLP_DGRAD.append(mlp_dgrad)
+    return mlp_dgrad
+
+
+def _mlp_dgrad_probe(op, device) -> str | None:
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    M, K, N, slope = 300, 64, 200, 0.5  # ragged tiles on purpose
+    dy, w2, pre = (torch.randn(*shape, device=device, dtype=dtype, generator=g) for shape in ((M, K), (K, N), (M, N)))
+    got = op(dy, w2, pre, slope).float()
+    u = pre.float()
+    ref = (dy.float() @ w2.float()) * torch.where(u > 0, 2 * u, 2 * slope * slope * u)
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    return None if math.isfinite(err) and err < 0.02 else f"differs from fp32: max relative error {err:.3g}"
+
+
+def mlp_dgrad_kernel(cfg: Config, device):
+    """The fused MLP dgrad op this config's backward uses on `device`, or None (cuBLAS + inductor).
+    auto: on CUDA sm90+ (TMA) once `checked_kernel` has run it against fp32 on this device; MLP_KERNEL=triton
+    fails loudly when the check fails; LoRA'd MLPs (TTT) always take the torch path."""
+    if cfg.mlp_kernel == "torch" or device.type != "cuda" or cfg.model_dim % 8 or int(cfg.mlp_mult * cfg.model_dim) % 8:
+        return None  # (TMA needs 16-byte aligned rows; MLP_KERNEL=triton: a ConfigError up front)
+    device, op = _indexed_cuda(device), mlp_dgrad_op()
+    if cfg.mlp_kernel == "auto" and (_cuda_major(device.index) < 9 or op is None):
+        return None
+    why = checked_kernel(MLP_DGRAD_CHECK, device, op, _mlp_dgrad_probe, "triton does not import")
+    if why is not None and cfg.mlp_kernel == "triton":
+        raise RuntimeError(f"MLP_KERNEL=triton: the Triton MLP kernel failed its check on {device}: {why}")
+    return None if why is not None else op
+
+
+class MLPFusedGrad(torch.autograd.Function):
+    """proj(leaky_relu(fc(x), slope)^2) on [tokens, d] rows of the compute dtype, with `dgrad` (mlp_dgrad_op)
+    for the activation's gradient; the forward and the other three backward GEMMs are plain torch ops."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, slope, dgrad, up=None):  # up(x, w1, slope) -> (pre, act): bench/mlp_triton.py's fused GEMM
+        if up is None:
+            pre = x @ w1.t()
+            act = F.leaky_relu(pre, slope).square()
+        else:
+            pre, act = up(x, w1, slope)
+        ctx.save_for_backward(x, w1, w2, pre, act)
+        ctx.slope, ctx.dgrad = slope, dgrad
+        return act @ w2.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        w2 = ctx.saved_tensors[2]
+        # One dtype for every GEMM operand: an eager CUDA run (COMPILE=0) crashed here on a bf16/fp32 mix (H200,
+        # 2026-12-02; this cast is the fix, not yet re-run there: MLP_KERNEL=torch is the safe setting for eager CUDA).
+        cd = w2.dtype
+        x, w1, pre, act = (t.to(cd) for t in ctx.saved_tensors[:2] + ctx.saved_tensors[3:])
+        dy = dy.to(cd).contiguous()
+        dpre = ctx.dgrad(dy, w2, pre, ctx.slope)
+        need = ctx.needs_input_grad  # TTT freezes the weights: skip their GEMMs
+        return (dpre @ w1 if need[0] else None, dpre.t() @ x if need[1] else None, dy.t() @ act if need[2] else None,
+                None, None, None)
+
+
+def build_masks(cfg: Config, T: int, device, seg: torch.Tensor | None, use_flex: bool) -> dict:
+    """One mask object per distinct window: None = plain causal (fast path), else a FlexAttention
+    BlockMask (CUDA) or a boolean SDPA mask (CPU). `seg` [B, T] (DOC_ATTENTION without a varlen kernel):
+    per-token segment index (`segment_ids`); attention stays inside a segment."""
+    masks = {}
+    for w in set(cfg.layer_windows()):  # distinct per-layer windows (0 = full)
+        if w == 0 and seg is None:
+            masks[w] = None
+            continue
+        if use_flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def mask_mod(b, h, q, kv, w=w, seg=seg):
+                m = q >= kv
+                if w:
+                    m = m & (q - kv <= w)
+                if seg is not None:
+                    m = m & (seg[b, q] == seg[b, kv])
+                return m
+            B = seg.size(0) if seg is not None else None
+            masks[w] = create_block_mask(mask_mod, B, None, T, T, device=device)
+        else:
+            q = torch.arange(T, device=device)
+            m = q[:, None] >= q[None, :]
+            if w:
+                m = m & (q[:, None] - q[None, :] <= w)
+            m = m[None, None]
+            if seg is not None:
+                m = m & (seg[:, None, :, None] == seg[:, None, None, :])
+            masks[w] = m
+    return masks
+
+
+def distinct(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same tensor passed twice to an autograd.Function is a torch.compile graph break (the last encoder
+    output is also the first skip; the first parallel block gets lanes (x, x)): repeats become views."""
+    return tuple(t.view_as(t) if any(t is u for u in ts[:i]) else t for i, t in enumerate(ts))
+
+
+def channel_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every leading dim of a [..., D] tensor as a GEMV (cuBLAS), in fp32. Inductor schedules
+    these token-axis column sums as slow strided reductions (BENCHMARKS.md, "ChannelScale")."""
+    D = t.size(-1)
+    ones = torch.ones(t.numel() // D, device=t.device, dtype=t.dtype)
+    return (ones @ t.reshape(-1, D)).float()
+
+
+class ChannelScale(torch.autograd.Function):
+    """s * t with s per channel ([D]) or a scalar ([1]), broadcast over tokens: the plain product, with the
+    gradient of s taken by `channel_sum`. Used for the attention/MLP output scales, the U-Net skip weights
+    and the SmearGate lambda. Not for resid_mix: its x0 products all read the same x0 and inductor fuses
+    them into one kernel, cheaper than this (BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, t, s):
+        ctx.save_for_backward(t, s)
+        return s * t
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, s = ctx.saved_tensors
+        out_dtype = torch.promote_types(t.dtype, s.dtype)
+        g_t = (grad * s).to(t.dtype) if ctx.needs_input_grad[0] else None
+        g_s = None
+        if ctx.needs_input_grad[1]:
+            g_s = channel_sum(grad * t.to(out_dtype))
+            g_s = (g_s.sum().reshape(s.shape) if s.numel() == 1 else g_s).to(s.dtype)
+        return g_t, g_s
+
+
+class LaneMix(torch.autograd.Function):
+    """lane0' = r0*lane0 + p00*a + p10*m,  lane1' = r1*lane1 + p01*a + p11*m. The scalar lambdas'
+    gradients are full-tensor dot products via `channel_sum` (cuBLAS) instead of fused inductor reductions."""
+
+    @staticmethod
+    def forward(ctx, l0, l1, a, m, r, p):
+        ctx.save_for_backward(l0, l1, a, m, r, p)
+        return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        l0, l1, a, m, r, p = ctx.saved_tensors
+        dot = lambda u, v: channel_sum(u * v.to(u.dtype)).sum()  # torch.dot would become an inductor reduction
+        gr = torch.stack([dot(g0, l0), dot(g1, l1)])
+        gp = torch.stack([torch.stack([dot(g0, a), dot(g1, a)]), torch.stack([dot(g0, m), dot(g1, m)])])
+        ga = g0 * p[0, 0].to(g0.dtype) + g1 * p[0, 1].to(g1.dtype)
+        gm = g0 * p[1, 0].to(g0.dtype) + g1 * p[1, 1].to(g1.dtype)
+        return g0 * r[0].to(g0.dtype), g1 * r[1].to(g1.dtype), ga.to(a.dtype), gm.to(m.dtype), gr.to(r.dtype), gp.to(p.dtype)
+
+
+class GatedSkip(torch.autograd.Function):
+    """U-Net skip mix  sg*x + (1-sg)*(w*skip),  sg = sigmoid(g), w and g per channel. Same math as the
+    plain expression; the backward computes the per-channel gradients of w and g as matrix-vector
+    products (cuBLAS) because inductor schedules these strided column sums badly."""
+
+    @staticmethod
+    def forward(ctx, x, skip, w, g):
+        sg = torch.sigmoid(g)
+        ctx.save_for_backward(x, skip, w, sg)
+        return sg * x + (1 - sg) * (w * skip)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, skip, w, sg = ctx.saved_tensors
+        g_skipped = grad * (1 - sg)
+        gw = channel_sum(g_skipped * skip)
+        gg = channel_sum(grad * (x - w * skip)) * sg * (1 - sg)
+        return grad * sg, g_skipped * w, gw.to(w.dtype), gg.to(sg.dtype)
+
+
+def fused_scale(t, s):
+    return ChannelScale.apply(t, s)
+
+
+def fused_skip_mix(x, skip, w, g):
+    return GatedSkip.apply(*distinct(x, skip), w, g)
+
+
+def fused_lane_mix(l0, l1, a, m, r, p):
+    return LaneMix.apply(*distinct(l0, l1), a, m, r, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# APPENDIX B. CONTAINERS: the artifact's byte layouts (PGQ1, per-group).
+# ----------------------------------------------------------------------------------------------
+
+# ---- "PGQ1" container ----------------------------------------------------------------------------
+# Layout (all little-endian):
+#   b"PGQ1" | uint32 header_len | header (UTF-8 JSON) | data
+#   header = {"version": 1, "tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...],
+#             "meta": <user JSON>}
+# Entries are listed in the caller's order; offsets are relative to the start of `data`, where
+# tensors are stored grouped by dtype (all int8 together, then fp16, ...) so that similar bytes
+# sit next to each other for the compressor. No pickle anywhere: loading is pure parsing.
+
+PGQ_MAGIC = b"PGQ1"
+_PACK_DTYPES = {  # name -> (torch dtype, numpy little-endian storage dtype); order = data layout
+    "int8": (torch.int8, "<i1"), "uint8": (torch.uint8, "<u1"), "bool": (torch.bool, "<u1"),
+    "int16": (torch.int16, "<i2"), "int32": (torch.int32, "<i4"), "int64": (torch.int64, "<i8"),
+    "float16": (torch.float16, "<f2"), "bfloat16": (torch.bfloat16, "<i2"),
+    "float32": (torch.float32, "<f4"), "float64": (torch.float64, "<f8"),
+}
+_DTYPE_NAMES = {td: name for name, (td, _) in _PACK_DTYPES.items()}
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    if dt not in _DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype for packing: {dt}")
+    return _DTYPE_NAMES[dt]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)  # numpy has no bf16: ship the raw 16-bit patterns
+    elif t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.numpy().astype(_PACK_DTYPES[_dtype_name(t.dtype)][1], copy=False).tobytes()
+
+
+def pack_state(tensors: dict, meta: dict | None = None) -> bytes:
+    """Serialize {name: tensor} plus a JSON-able meta dict into the PGQ1 byte format."""
+    order = list(_PACK_DTYPES)
+    names = list(tensors)
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise ValueError(f"tensor names must be non-empty strings, got {n!r}")
+    layout = sorted(range(len(names)), key=lambda i: (order.index(_dtype_name(tensors[names[i]].dtype)), i))
+    chunks, entries, off = [], [None] * len(names), 0
+    for i in layout:
+        t = tensors[names[i]]
+        b = _tensor_bytes(t)
+        entries[i] = {"name": names[i], "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
+                      "offset": off, "nbytes": len(b)}
+        chunks.append(b)
+        off += len(b)
+    header = json.dumps({"version": 2, "tensors": entries, "meta": meta or {}},
+                        separators=(",", ":")).encode("utf-8")
+    body = PGQ_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    return body + struct.pack("<I", zlib.crc32(body))  # version 2: a CRC32 of everything before it closes the blob
+
+
+def _json_header(raw: bytes, what: str):
+    """A container's JSON header, parsed with clear errors (bad UTF-8/JSON, nesting too deep for the parser)."""
+    try:
+        return json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} header is not valid UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{what} header JSON is nested too deeply: corrupt or hostile artifact") from None
+
+
+def unpack_state(buf) -> tuple:
+    """Inverse of pack_state -> (tensors dict in original order, meta). Validates everything and
+    raises ValueError naming the problem on any malformed input."""
+    buf = bytes(buf) if not isinstance(buf, bytes) else buf
+    if len(buf) < 8:
+        raise ValueError(f"PGQ1 blob truncated: {len(buf)} bytes, need at least 8")
+    if buf[:4] != PGQ_MAGIC:
+        raise ValueError(f"bad magic {buf[:4]!r}: not a PGQ1 blob (expected {PGQ_MAGIC!r})")
+    (hlen,) = struct.unpack("<I", buf[4:8])
+    if 8 + hlen > len(buf):
+        raise ValueError(f"PGQ1 header length {hlen} exceeds blob size {len(buf)} (truncated?)")
+    header = _json_header(buf[8:8 + hlen], "PGQ1")
+    if not isinstance(header, dict) or header.get("version") not in (1, 2) \
+            or not isinstance(header.get("tensors"), list) or not isinstance(header.get("meta"), dict):
+        raise ValueError("PGQ1 header must be {'version': 1|2, 'tensors': [...], 'meta': {...}}")
+    end_data = len(buf)
+    if header["version"] == 2:  # version 1 (older artifacts) carries no checksum
+        if len(buf) < 8 + hlen + 4:
+            raise ValueError("PGQ1 blob truncated: no room for its checksum")
+        end_data = len(buf) - 4
+        (stored,) = struct.unpack("<I", buf[end_data:])
+        got = zlib.crc32(memoryview(buf)[:end_data])
+        if got != stored:
+            raise ValueError(f"PGQ1 checksum mismatch (stored crc32 {stored:08x}, computed {got:08x}): the artifact is corrupt")
+    data = memoryview(buf)[8 + hlen:end_data]
+    out, spans = {}, []
+    for k, e in enumerate(header["tensors"]):
+        if not isinstance(e, dict):
+            raise ValueError(f"PGQ1 tensor entry #{k} is not an object")
+        name, dt, shape = e.get("name"), e.get("dtype"), e.get("shape")
+        off, nb = e.get("offset"), e.get("nbytes")
+        if not isinstance(name, str) or not name or name in out:
+            raise ValueError(f"PGQ1 tensor entry #{k}: missing or duplicate name {name!r}")
+        if dt not in _PACK_DTYPES:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {dt!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: invalid shape {shape!r}")
+        if type(off) is not int or type(nb) is not int or off < 0 or nb < 0:
+            raise ValueError(f"tensor {name!r}: invalid offset/nbytes {off!r}/{nb!r}")
+        tdt, npdt = _PACK_DTYPES[dt]
+        numel = math.prod(shape)
+        if nb != numel * np.dtype(npdt).itemsize:
+            raise ValueError(f"tensor {name!r}: nbytes {nb} does not match shape {shape} of {dt}")
+        if off + nb > len(data):
+            raise ValueError(f"tensor {name!r}: byte range [{off}, {off + nb}) out of range of "
+                             f"the {len(data)}-byte data section (truncated or corrupt)")
+        arr = np.frombuffer(data, dtype=npdt, count=numel, offset=off).copy()
+        t = torch.from_numpy(arr).reshape(shape)
+        if dt == "bfloat16":
+            t = t.view(torch.bfloat16)
+        elif dt == "bool":
+            t = t.to(torch.bool)
+        out[name] = t
+        spans.append((off, off + nb, name))
+    end = 0
+    for a, b, name in sorted(spans):
+        if a < end:
+            raise ValueError(f"tensor {name!r}: byte range overlaps a previous tensor")
+        end = max(end, b)
+    if end != len(data):
+        raise ValueError(f"PGQ1 data section has {len(data) - end} unexpected trailing bytes")
+    return out, header["meta"]
+
+
+# ---- per-group container (COMPRESSOR=pergroup, record #1855) -------------------------------------------------------
+# The int8 codes of each weight role (tok_emb, attn.c_q/c_k/c_v/proj, mlp.fc/proj) over all layers form one stream:
+# every matrix written transposed (column-major), the rows of the "hot" roles first put in greedy L1 nearest-neighbour
+# order (the permutation is stored), each stream compressed with whichever available codec makes it smallest
+# (brotli / lzma / zstd, lrzip -L 9 when the binary is installed). Everything else (scales, gates, LQER factors,
+# passthroughs, meta) takes the ordinary brotli path. Layout: b"PGRP" | uint32 header_len | JSON header | streams.
+PGRP_MAGIC = b"PGRP"
+PERGROUP_ROLES = ("tok_emb.weight.q", "attn.c_q.weight.q", "attn.c_k.weight.q", "attn.c_v.weight.q", "attn.proj.weight.q",
+                  "mlp.fc.weight.q", "mlp.proj.weight.q")
+PERGROUP_HOT = ("tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q")
+
+
+def _perm_dtype(rows: int):
+    """Storage of a stored row permutation: uint16 while row indices fit."""
+    return np.uint32 if rows > 65536 else np.uint16
+
+
+def tensor_role(name: str) -> str:
+    """'blocks.3.attn.c_q.weight.q' -> 'attn.c_q.weight.q' (the layer index dropped)."""
+    return re.sub(r"^blocks\.\d+\.", "", name)
+
+
+def l1_row_order(q: torch.Tensor) -> list[int]:
+    """Greedy nearest-neighbour row order: start at row 0, then always the unused row closest in L1 to the last one."""
+    rows = q.to(torch.int32)
+    left = torch.ones(rows.size(0), dtype=torch.bool)
+    order, cur = [0], 0
+    left[0] = False
+    for _ in range(rows.size(0) - 1):
+        d = (rows - rows[cur]).abs().sum(1)
+        d[~left] = torch.iinfo(torch.int32).max
+        cur = int(torch.argmin(d))
+        order.append(cur)
+        left[cur] = False
+    return order
+
+
+def serialize_pergroup(tensors: dict, meta: dict, codecs: list[str] | None = None) -> bytes:
+    codecs = codecs or pergroup_codecs()
+    groups: dict[str, list[str]] = {}
+    for name, t in tensors.items():
+        if tensor_role(name) in PERGROUP_ROLES and t.dtype == torch.int8 and t.dim() == 2:
+            groups.setdefault(tensor_role(name), []).append(name)
+    grouped = {n for names in groups.values() for n in names}
+    header: dict = {"version": 2, "groups": []}
+    streams, perms = [], []
+    for role in (r for r in PERGROUP_ROLES if r in groups):
+        parts, entries = [], []
+        for name in groups[role]:
+            q = tensors[name]
+            order = l1_row_order(q) if role in PERGROUP_HOT and q.size(0) > 2 else None
+            if order is not None:
+                q = q[order]
+                perms.append(np.asarray(order, dtype=_perm_dtype(q.size(0))).tobytes())
+            parts.append(q.t().contiguous().numpy().tobytes())
+            entries.append({"name": name, "shape": list(q.shape), "perm": order is not None})
+        raw = b"".join(parts)
+        sizes = {c: _stream_compress(raw, c) for c in codecs}
+        best = min(sizes, key=lambda c: len(sizes[c]))
+        header["groups"].append({"role": role, "tensors": entries, "codec": best, "nbytes": len(sizes[best]), "crc32": zlib.crc32(raw),
+                                 "bytes_by_codec": {c: len(v) for c, v in sizes.items()}})
+        streams.append(sizes[best])
+    perm_blob = compress_blob(b"".join(perms), "brotli", 0) if perms else b""
+    header["perm_crc32"] = zlib.crc32(b"".join(perms))
+    rest = serialize_state({n: t for n, t in tensors.items() if n not in grouped}, meta, "brotli")
+    header["perm_nbytes"], header["rest_nbytes"] = len(perm_blob), len(rest)
+    hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head = PGRP_MAGIC + struct.pack("<I", len(hdr)) + hdr
+    # version 2: the header's CRC32 follows it; each stream's raw bytes carry theirs (the rest is a PGQ1 blob: its own)
+    return head + struct.pack("<I", zlib.crc32(head)) + b"".join(streams) + perm_blob + rest
+
+
+def deserialize_pergroup(blob: bytes) -> tuple:
+    blob = bytes(blob)
+    if len(blob) < 8:
+        raise ValueError(f"pergroup artifact truncated: {len(blob)} bytes")
+    (hlen,) = struct.unpack("<I", blob[4:8])
+    if 8 + hlen + 4 > len(blob):
+        raise ValueError(f"pergroup header length {hlen} exceeds the artifact's {len(blob)} bytes (truncated?)")
+    (stored,) = struct.unpack("<I", blob[8 + hlen:12 + hlen])
+    if zlib.crc32(blob[:8 + hlen]) != stored:
+        raise ValueError("pergroup artifact: header checksum mismatch: the artifact is corrupt (or from a version 1 writer: repack it)")
+    header = _json_header(blob[8:8 + hlen], "pergroup")
+    try:
+        return _pergroup_tensors(blob, header, 12 + hlen)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"pergroup artifact: malformed header ({type(e).__name__}: {e})") from None
+
+
+def _pergroup_tensors(blob: bytes, header: dict, pos: int) -> tuple:
+    groups = header["groups"]
+    if header.get("version") != 2 or not isinstance(groups, list):
+        raise ValueError("pergroup artifact: header must be {'version': 2, 'groups': [...]}")
+    payloads = []
+    for g in groups:
+        if type(g["nbytes"]) is not int or g["nbytes"] < 0 or pos + g["nbytes"] > len(blob):
+            raise ValueError(f"pergroup artifact: group {g.get('role')!r} byte count {g['nbytes']!r} out of range")
+        payloads.append(blob[pos:pos + g["nbytes"]])
+        pos += g["nbytes"]
+    pn, rn = header["perm_nbytes"], header["rest_nbytes"]
+    if type(pn) is not int or type(rn) is not int or pn < 0 or rn < 0 or pos + pn + rn != len(blob):
+        raise ValueError(f"pergroup artifact: {len(blob)} bytes, the header accounts for {pos}+{pn!r}+{rn!r}")
+    perm_raw = decompress_blob(blob[pos:pos + pn]) if pn else b""
+    if zlib.crc32(perm_raw) != header["perm_crc32"]:
+        raise ValueError("pergroup artifact: row permutations fail their checksum: the artifact is corrupt")
+    pos += pn
+    tensors, meta = deserialize_state(blob[pos:pos + rn])
+    ppos = 0
+    for g, payload in zip(groups, payloads):
+        raw, off = _stream_decompress(payload, g["codec"]), 0
+        if zlib.crc32(raw) != g["crc32"]:
+            raise ValueError(f"pergroup artifact: group {g['role']!r} fails its checksum: the artifact is corrupt")
+        for e in g["tensors"]:
+            R, C = e["shape"]
+            if type(R) is not int or type(C) is not int or R < 0 or C < 0 or off + R * C > len(raw) or e["name"] in tensors:
+                raise ValueError(f"pergroup artifact: tensor {e['name']!r} of shape {e['shape']!r} does not fit group {g['role']!r}")
+            q = torch.from_numpy(np.frombuffer(raw, dtype=np.int8, count=R * C, offset=off).copy()).view(C, R).t().contiguous()
+            off += R * C
+            if e["perm"]:
+                dt = _perm_dtype(R)
+                if ppos + R * np.dtype(dt).itemsize > len(perm_raw):
+                    raise ValueError(f"pergroup artifact: row permutation of {e['name']!r} out of range")
+                order = np.frombuffer(perm_raw, dtype=dt, count=R, offset=ppos).astype(np.int64)
+                ppos += R * np.dtype(dt).itemsize
+                if not np.array_equal(np.sort(order), np.arange(R)):
+                    raise ValueError(f"pergroup artifact: the stored row order of {e['name']!r} is not a permutation")
+                restored = torch.empty_like(q)
+                restored[torch.from_numpy(order)] = q
+                q = restored
+            tensors[e["name"]] = q
+        if off != len(raw):
+            raise ValueError(f"pergroup artifact: group {g['role']} holds {len(raw)} bytes, its tensors {off}")
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# APPENDIX C. CODECS: byte shuffle, self-describing compressed blobs, size-bounded decompression, lrzip.
+# ----------------------------------------------------------------------------------------------
+
+# ---- byte shuffle + compression ------------------------------------------------------------------
+
+BSHF_MAGIC, BLOB_MAGIC = b"BSHF", b"PGZ"
+_CODEC_IDS = {"none": b"N", "brotli": b"B", "zstd": b"Z", "lzma": b"X"}
+
+
+def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
+    """b"BSHF" + stride byte + bytes at offsets = 0 mod stride, then 1 mod stride, ...
+    Stride 2 separates low/high bytes of 16-bit values, which compress much better apart."""
+    if not 1 <= int(stride) <= 255:
+        raise ValueError(f"byte_shuffle stride must be in 1..255, got {stride}")
+    data = bytes(data)
+    return BSHF_MAGIC + bytes([stride]) + b"".join(data[i::stride] for i in range(stride))
+
+
+def byte_unshuffle(blob: bytes) -> bytes:
+    blob = bytes(blob)
+    if len(blob) < 5 or blob[:4] != BSHF_MAGIC:
+        raise ValueError("not a byte-shuffled blob (missing BSHF magic)")
+    stride, payload = blob[4], blob[5:]
+    if stride < 1:
+        raise ValueError("byte-shuffled blob has invalid stride 0")
+    n, out, pos = len(payload), bytearray(len(payload)), 0
+    for i in range(stride):
+        cnt = (n - i + stride - 1) // stride if n > i else 0
+        out[i::stride] = payload[pos:pos + cnt]
+        pos += cnt
+    return bytes(out)
+
+
+def _import_codec(module: str, pip_name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeError(f"compressor needs the Python package {pip_name!r} "
+                           f"(pip install {pip_name})") from None
+
+
+def compress_blob(raw: bytes, compressor: str = "brotli", shuffle: int = 2, lgwin: int = 24,
+                  lzma_preset: int = 9 | lzma.PRESET_EXTREME) -> bytes:
+    """b"PGZ" + codec id byte + compressed payload. shuffle>1 byte-shuffles first; the shuffle
+    is self-describing (BSHF magic), so decompress_blob undoes it automatically."""
+    if compressor not in _CODEC_IDS:
+        raise ValueError(f"unknown compressor {compressor!r}; choose from {sorted(_CODEC_IDS)}")
+    raw = bytes(raw)
+    if shuffle and shuffle > 1:
+        raw = byte_shuffle(raw, shuffle)
+    elif raw[:4] == BSHF_MAGIC:
+        raw = byte_shuffle(raw, 1)  # identity wrap keeps auto-detection unambiguous
+    if compressor == "brotli":
+        payload = _import_codec("brotli", "brotli").compress(raw, quality=11, lgwin=lgwin)
+    elif compressor == "zstd":
+        payload = _import_codec("zstandard", "zstandard").ZstdCompressor(level=22).compress(raw)
+    elif compressor == "lzma":
+        payload = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=lzma_preset)
+    else:
+        payload = raw
+    return BLOB_MAGIC + _CODEC_IDS[compressor] + payload
+
+
+RAW_CAP_MIN, RAW_CAP_RATIO, RAW_CAP_MAX = 16 << 20, 64, 2 << 30
+
+
+def raw_cap(n_compressed: int) -> int:
+    """Most bytes a compressed blob may expand to: 64x its size (at least 16 MiB, at most 2 GiB). A real artifact
+    expands ~2-3x; a hostile one (a tiny file that decodes to gigabytes) is refused before it is allocated."""
+    return min(RAW_CAP_MAX, max(RAW_CAP_MIN, RAW_CAP_RATIO * n_compressed))
+
+
+def _bounded_decode(codec: str, payload: bytes, cap: int) -> bytes:
+    """Decode in bounded steps; more than `cap` output bytes is an error, not an allocation."""
+    over = ValueError(f"{codec} payload expands beyond {cap:,} bytes ({RAW_CAP_RATIO}x the blob, at least {RAW_CAP_MIN >> 20} MiB): "
+                      "corrupt or hostile artifact")
+    step = 1 << 22
+    if codec == "none":
+        if len(payload) > cap:
+            raise over
+        return payload
+    if codec == "lzma":
+        d = lzma.LZMADecompressor()
+        out = d.decompress(payload, max_length=cap + 1)
+        if len(out) > cap:
+            raise over
+        if not d.eof:
+            raise ValueError("lzma payload is truncated")
+        return out
+    if codec == "zstd":
+        reader = _import_codec("zstandard", "zstandard").ZstdDecompressor().stream_reader(payload)
+        parts, n = [], 0
+        while True:
+            chunk = reader.read(step)
+            if not chunk:
+                break
+            parts.append(chunk)
+            n += len(chunk)
+            if n > cap:
+                raise over
+        return b"".join(parts)
+    brotli = _import_codec("brotli", "brotli")
+    d = brotli.Decompressor()
+    try:
+        out = d.process(payload, output_buffer_limit=step)
+    except TypeError:  # brotli < 1.2 cannot bound its output: decode whole, then check
+        out = brotli.decompress(payload)
+        if len(out) > cap:
+            raise over from None
+        return out
+    parts, n = [], 0
+    while True:
+        parts.append(out)
+        n += len(out)
+        if n > cap:
+            raise over
+        if d.is_finished():
+            return b"".join(parts)
+        if not out and d.can_accept_more_data():
+            raise ValueError("brotli payload is truncated")
+        out = d.process(b"", output_buffer_limit=step)
+
+
+def decompress_blob(blob: bytes, cap: int | None = None) -> bytes:
+    blob = bytes(blob)
+    if len(blob) < 4 or blob[:3] != BLOB_MAGIC:
+        raise ValueError(f"not a compressed PGZ blob (header {blob[:4]!r})")
+    codec = {v: k for k, v in _CODEC_IDS.items()}.get(blob[3:4])
+    if codec is None:
+        raise ValueError(f"unknown codec id {blob[3:4]!r} in PGZ blob")
+    try:
+        raw = _bounded_decode(codec, blob[4:], raw_cap(len(blob)) if cap is None else cap)
+    except (ValueError, RuntimeError):  # ours: over the cap, truncated, codec not installed
+        raise
+    except Exception as e:  # each library raises its own error type on corrupt input
+        raise ValueError(f"corrupt {codec} payload: {e}") from None
+    return byte_unshuffle(raw) if raw[:4] == BSHF_MAGIC else raw
+
+
+def _lrzip(args: list[str], data: bytes) -> bytes:
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="pgrp_") as d:
+        src, dst = Path(d) / "in", Path(d) / "out"
+        src.write_bytes(data)
+        r = subprocess.run(["lrzip", "-q", "-f", *args, "-o", str(dst), str(src)], capture_output=True)
+        if r.returncode != 0:
+            raise ValueError(f"lrzip {' '.join(args)} failed: {r.stderr.decode(errors='replace').strip()[:200]}")
+        if "-d" in args and dst.stat().st_size > raw_cap(len(data)):
+            raise ValueError(f"lrzip stream expands beyond {raw_cap(len(data)):,} bytes: corrupt or hostile artifact")
+        return dst.read_bytes()
+
+
+def pergroup_codecs() -> list[str]:
+    """The codecs a pergroup stream may use here: the Python ones that import, and lrzip when its binary exists."""
+    import shutil
+    return [c for c, m in (("brotli", "brotli"), ("lzma", "lzma"), ("zstd", "zstandard")) if module_available(m)] + \
+        (["lrzip"] if shutil.which("lrzip") else [])
+
+
+def _stream_compress(raw: bytes, codec: str) -> bytes:
+    if codec == "lrzip":
+        return _lrzip(["-z", "-L", "9"], raw)
+    return compress_blob(raw, codec, 0)[4:]
+
+
+def _stream_decompress(payload: bytes, codec: str) -> bytes:
+    if codec == "lrzip":
+        import shutil
+        if not shutil.which("lrzip"):
+            raise RuntimeError("this pergroup artifact has lrzip-compressed streams: install lrzip (apt-get install lrzip)")
+        return _lrzip(["-d"], payload)
+    if codec not in _CODEC_IDS:
+        raise ValueError(f"pergroup stream with unknown codec {codec!r}")
+    return decompress_blob(BLOB_MAGIC + _CODEC_IDS[codec] + payload)
 
 
 if __name__ == "__main__":

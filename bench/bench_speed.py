@@ -183,8 +183,8 @@ def main(argv=None) -> int:
     device = C.pick_device()
     C.setup_runtime(device, cfg.seed, 1 if args.tiny else None)
     info = C.env_info(device)
-    info["attention"] = tg.attention_kernel_name(cfg, device)  # what the timed config attends with
-    info["mlp_kernel"] = tg.mlp_kernel_name(cfg, device)
+    kernels = tg.resolve_kernels(cfg, device)  # what the timed config runs on
+    info["attention"], info["mlp_kernel"] = kernels.attention, kernels.mlp
     res: dict = dict(bench="speed", tiny=args.tiny, env=info, overrides=C.knob_env(C.parse_sets(args.set)),
                      knob_env=C.knob_env(env), config=cfg.to_dict(), flops_formula=C.FLOPS_DOC, steps=steps, settle=settle)
     def save():  # JSON + markdown after every stage: a timeout still leaves what was measured
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     files = C.write_random_shard(Path(tmp.name), cfg.vocab_size, shard_tokens, args.doc_len)
 
     # 2. ours
-    model = tg.GPT(cfg, 1).to(device)
+    model = tg.GPT(cfg, 1, kernels).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     trainer = tg.Trainer(cfg, model, device, 0, 1, files, out)
     tokens_per_step = trainer.local_tokens * trainer.accum

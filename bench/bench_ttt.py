@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if mode == "none":
             fwd = torch.compile(model, dynamic=False) if use_compile else model
-            warm = tg.warm_compiled(fwd if use_compile else None, cfg, device, cfg.vocab_size, cfg.eval_batch_seqs)
+            warm = tg.warm_compiled(fwd if use_compile else None, model, device, cfg.eval_batch_seqs)
             t0 = time.perf_counter()
             L = min(cfg.eval_seq_len, len(val) - 1)
             loss, bpb, nt, _ = tg.evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, 0, 1)

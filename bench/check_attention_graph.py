@@ -33,18 +33,19 @@ def main(argv=None) -> int:
     device = C.pick_device()
     C.setup_runtime(device, cfg.seed, cpu_threads=1 if args.tiny else None)
     t0 = time.time()
-    kernel = tg.attention_kernel_name(cfg, device)
+    kernels = tg.resolve_kernels(cfg, device)
+    kernel = kernels.attention
     key = device.index or 0
     verdict = "none" if key not in tg.FA4_CHECK else (tg.FA4_CHECK[key] or "ok")
     print(f"event:attention kernel:{kernel} fa4_check:{verdict.replace(' ', '_')} check_s:{time.time() - t0:.1f}", flush=True)
 
-    model = tg.GPT(cfg).to(device)
+    model = tg.GPT(cfg, 1, kernels).to(device)
     ids = torch.randint(2, cfg.vocab_size, (2, cfg.train_seq_len), device=device)
     for looping in (False, True):
         model.looping_active = looping
         torch._dynamo.reset()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ex = torch._dynamo.explain(model)(ids, ids, tg.make_masks(cfg, ids, 1))
+            ex = torch._dynamo.explain(model)(ids, ids, model.masks(ids))
         attn_ops = sum(1 for g in ex.graphs for n in g.graph.nodes
                        if n.op == "call_function" and any(s in str(n.target) for s in ("fa4_", "flash_attn")))
         print(f"event:graph looping:{int(looping)} graph_count:{ex.graph_count} graph_break_count:{ex.graph_break_count} "

@@ -223,12 +223,12 @@ def ref_attention(cfg, P, layer, h, x_in, ids, state, doc):
             vv = v[:, :, hh // (H // Hkv)]
             vhat = vv / vv.norm(dim=-1, keepdim=True)
             y[:, :, hh] = y[:, :, hh] - (y[:, :, hh] * vhat).sum(-1, keepdim=True) * vhat
-    if cfg.gated_attention:
+    if cfg.attn_gate == "gated":
         y = y * torch.sigmoid(h @ P[pre + "attn_gate.weight"].T + P[pre + "attn_gate_bias"])[..., None]
-    elif cfg.attn_out_gate:
+    elif cfg.attn_gate == "out":
         src = x_in if cfg.gate_attn_src == "resid" else h
         y = y * (2 * torch.sigmoid(src[..., :cfg.gate_width] @ P[pre + "attn_out_gate_w"].T))[..., None]
-    elif cfg.sparse_attn_gate:
+    elif cfg.attn_gate == "sparse":
         y = y * torch.sigmoid(cfg.sparse_attn_gate_scale * (h[..., :cfg.gate_width] @ P[pre + "attn_gate_w"].T))[..., None]
     return y.reshape(B, T, H * D) @ P[pre + "proj.weight"].T
 

@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
+sys.path.insert(0, str(ROOT / "tools"))
+import contract  # noqa: E402
 
 
 def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> str:
@@ -22,17 +24,7 @@ def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> str:
 
 def events(stdout: str) -> dict[str, list[dict[str, str]]]:
     """event:<name> k:v ... lines -> {name: [dict, ...]}; every token must be key:value."""
-    out: dict[str, list[dict[str, str]]] = {}
-    for line in stdout.splitlines():
-        if not line.startswith("event:"):
-            continue
-        kv = {}
-        for tok in line.split(" "):
-            k, sep, v = tok.partition(":")
-            assert sep and k, f"not key:value: {tok!r} in {line!r}"
-            kv[k] = v
-        out.setdefault(kv["event"], []).append(kv)
-    return out
+    return contract.parse_events(stdout, strict=True)
 
 
 def num(v: str) -> float:

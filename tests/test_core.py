@@ -13,6 +13,9 @@ import torch
 import train_gpt as tg
 from conftest import ROOT, SHARED
 
+sys.path.insert(0, str(ROOT / "tools"))
+import contract  # noqa: E402
+
 TOK_DIR = SHARED / "data" / "tokenizers"
 TINY = dict(VOCAB_SIZE="64", NUM_LAYERS="4", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="4",
             LOOP_START="1", LOOP_END="2", NUM_LOOPS="1", PARALLEL_START_LAYER="3", TRAIN_SEQ_LEN="32",
@@ -229,11 +232,8 @@ def run_train(tmp, env, nproc=1, args=()):
 
 
 def events(text, name):
-    out = []
-    for line in text.splitlines():
-        if line.startswith(f"event:{name} ") or line == f"event:{name}":
-            out.append(dict(kv.split(":", 1) for kv in line.split()))
-    return out
+    """The event:<name> lines of a run's output, as {key: str} dicts (tools/contract.py)."""
+    return contract.parse_events(text, strict=True).get(name, [])
 
 
 def test_smoke_preset_whole_pipeline(tmp_path):
@@ -315,6 +315,30 @@ def test_lane_mix_gradients():
     assert torch.autograd.gradcheck(tg.LaneMix.apply, args)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(SKIP_GATES_ENABLED=0), dict(PARALLEL_START_LAYER=0, SMEAR_GATE=1, SMEAR_GATE_MODE="v2")])
+def test_fused_grads_off_gives_the_same_loss_and_gradients(kw):
+    """FUSED_GRADS=0 runs the plain expressions (scale, skip_mix, lane_mix) under autograd: the same forward and,
+    up to summation order, the same gradient for every parameter as the custom backwards."""
+    ids = torch.randint(2, 64, (2, 32), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for fused in (1, 0):
+        torch.manual_seed(0)
+        model = tg.GPT(tiny_cfg(**{**dict(NUM_LAYERS=6, LOOP_START=2, LOOP_END=3, NUM_LOOPS=1, PARALLEL_START_LAYER=4), **kw}, FUSED_GRADS=fused))
+        assert model.kernels.scale is (tg.fused_scale if fused else tg.scale)
+        with torch.no_grad():  # non-trivial skip weights / gates / lane lambdas
+            for n, p in model.named_parameters():
+                if p.ndim <= 2 and "emb" not in n:
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        model.looping_active = True
+        loss = model(ids, ids)
+        loss.backward()
+        out[fused] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.equal(out[0][0], out[1][0])
+    assert out[0][1].keys() == out[1][1].keys()
+    for n, g in out[1][1].items():
+        torch.testing.assert_close(out[0][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_nan_loss_aborts_with_clear_error(tmp_path):
     cfg = tg.Config.from_env(dict(TINY, GRAD_ACCUM_STEPS="1", ITERATIONS="5", MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="0", TRAIN_LOG_EVERY="100"))
     tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(4000) % 64)
@@ -339,6 +363,6 @@ def assert_default_stack_is_one_graph(looping: bool):
     model = tg.GPT(cfg)
     model.looping_active = looping
     ids = torch.randint(2, 64, (2, 32))
-    explanation = torch._dynamo.explain(model)(ids, ids, tg.make_masks(cfg, ids, 1))
+    explanation = torch._dynamo.explain(model)(ids, ids, tg.resolve_kernels(cfg, "cpu").masks(ids, 1))
     assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]
     assert explanation.graph_count == 1

@@ -67,29 +67,29 @@ def test_training_layout_isolates_documents_and_cuts_long_ones():
     perturb(m)
     ids = token_ids(B=1, T=40, seed=2, bos_positions=(0, 6, 30))  # docs [0,6) [6,30) [30,40); [6,30) cut at 14, 22
     with torch.no_grad():
-        ref = m.forward_logits(ids, tg.make_masks(cfg, ids, BOS, train=True))
+        ref = m.forward_logits(ids, tg.resolve_kernels(cfg, "cpu").masks(ids, BOS, train=True))
         for t, first_unchanged in ((3, 6), (8, 14), (20, 22), (26, 30)):
             ids2 = ids.clone()
             ids2[0, t] = 3 if ids[0, t] != 3 else 4
-            out = m.forward_logits(ids2, tg.make_masks(cfg, ids2, BOS, train=True))
+            out = m.forward_logits(ids2, tg.resolve_kernels(cfg, "cpu").masks(ids2, BOS, train=True))
             assert torch.equal(out[:, first_unchanged:], ref[:, first_unchanged:]), t
             assert not torch.allclose(out[:, t:first_unchanged], ref[:, t:first_unchanged]), t
         # smear crosses the cut (same document), attention does not: the token right after a cut still changes
         # through SmearGate when its predecessor changes -- exactly as in the records' packed rows
         ids2 = ids.clone()
         ids2[0, 13] = 3 if ids[0, 13] != 3 else 4
-        out = m.forward_logits(ids2, tg.make_masks(cfg, ids2, BOS, train=True))
+        out = m.forward_logits(ids2, tg.resolve_kernels(cfg, "cpu").masks(ids2, BOS, train=True))
         assert not torch.allclose(out[:, 14], ref[:, 14])
 
 
 def test_masks_follow_train_and_eval_settings():
     ids = token_ids(B=2, T=16, seed=1, bos_positions=(0, 9))
     doc_train = build(DOC_ATTENTION=1, EVAL_DOC_ATTENTION="off")[0]
-    assert tg.make_masks(doc_train, ids.reshape(1, -1), BOS, train=True)  # document masks in training
-    assert tg.make_masks(doc_train, ids, BOS) == {}  # plain causal eval windows (as the records' sliding eval)
+    assert tg.resolve_kernels(doc_train, "cpu").masks(ids.reshape(1, -1), BOS, train=True)  # document masks in training
+    assert tg.resolve_kernels(doc_train, "cpu").masks(ids, BOS) == {}  # plain causal eval windows (as the records' sliding eval)
     doc_eval = build(DOC_ATTENTION=0, EVAL_DOC_ATTENTION="on")[0]
-    assert tg.make_masks(doc_eval, ids, BOS, train=True) == {}
-    eval_masks = tg.make_masks(doc_eval, ids, BOS)
+    assert tg.resolve_kernels(doc_eval, "cpu").masks(ids, BOS, train=True) == {}
+    eval_masks = tg.resolve_kernels(doc_eval, "cpu").masks(ids, BOS)
     assert eval_masks and eval_masks[0].shape == (2, 1, 16, 16)
     assert not eval_masks[0][1, 0, 9, 8] and eval_masks[0][1, 0, 8, 0]  # BOS at 9 starts a new segment; rows are separate
     assert build(DOC_ATTENTION=1)[0].eval_doc_attention_on and not build(DOC_ATTENTION=0)[0].eval_doc_attention_on

@@ -168,6 +168,8 @@ def test_auto_attention_policy(monkeypatch):
     cfg = lambda **env: tg.Config.from_env({k: str(v) for k, v in env.items()})
 
     monkeypatch.setitem(tg.FA4_CHECK, 0, None)  # the GPU probe passed (test_fa4_check_* cover the probe itself)
+    monkeypatch.setattr(tg, "mlp_dgrad_kernel", lambda cfg, device: None)  # the MLP policy has its own test
+    name = lambda c, device=cuda: tg.resolve_kernels(c, device).attention  # noqa: E731
 
     def setup(flash, fa4, major):
         monkeypatch.setattr(tg, "FLASH_ATTN", flash)
@@ -176,12 +178,12 @@ def test_auto_attention_policy(monkeypatch):
         monkeypatch.setattr(tg, "_cuda_major", lambda index: major)
 
     setup("fa3", True, 9)
-    assert tg.flash_kernel(cfg(), cuda) is f3 and tg.attention_kernel_name(cfg(), cuda) == "fa3"
+    assert tg.flash_kernel(cfg(), cuda) is f3 and name(cfg(), cuda) == "fa3"
     setup("fa2", True, 9)
-    assert tg.flash_kernel(cfg(), cuda) is f4 and tg.attention_kernel_name(cfg(), cuda) == "fa4"
-    assert tg.flash_kernel(cfg(ATTN_BACKEND="flash"), cuda) is f2 and tg.attention_kernel_name(cfg(ATTN_BACKEND="flash"), cuda) == "fa2"
+    assert tg.flash_kernel(cfg(), cuda) is f4 and name(cfg(), cuda) == "fa4"
+    assert tg.flash_kernel(cfg(ATTN_BACKEND="flash"), cuda) is f2 and name(cfg(ATTN_BACKEND="flash"), cuda) == "fa2"
     setup("fa2", False, 9)
-    assert tg.flash_kernel(cfg(), cuda) is None and tg.attention_kernel_name(cfg(), cuda) == "sdpa"
+    assert tg.flash_kernel(cfg(), cuda) is None and name(cfg(), cuda) == "sdpa"
     setup(None, True, 8)  # Ampere: FA4 is not taken by auto
     assert tg.flash_kernel(cfg(), cuda) is None
     monkeypatch.setattr(tg, "module_available", lambda name: True)
@@ -192,23 +194,28 @@ def test_auto_attention_policy(monkeypatch):
     # DOC_ATTENTION attends with the same flash kernel's varlen entry point; none on the CPU (document masks)
     assert tg.flash_kernel(cfg(DOC_ATTENTION=1), cuda) is f3 and tg.varlen_kernel(cfg(DOC_ATTENTION=1), cuda) is tg._flash_varlen
     assert tg.varlen_kernel(cfg(DOC_ATTENTION=1), torch.device("cpu")) is None
-    assert tg.attention_kernel_name(cfg(ATTN_BACKEND="flex"), cuda) == "flex"
-    assert tg.attention_kernel_name(cfg(), torch.device("cpu")) == "sdpa"
+    assert name(cfg(ATTN_BACKEND="flex"), cuda) == "flex"
+    assert name(cfg(), torch.device("cpu")) == "sdpa"
+    k = tg.resolve_kernels(cfg(DOC_ATTENTION=1), cuda)  # the resolved object carries the same choices
+    assert k.flash is f3 and k.varlen is tg._flash_varlen and not k.flex and k.attention == "fa3"
+    assert tg.resolve_kernels(cfg(ATTN_BACKEND="flex"), cuda).flex and not tg.resolve_kernels(cfg(ATTN_BACKEND="sdpa"), cuda).flex
 
 
 def test_auto_fa4_choice_traces_without_graph_break(fa4, monkeypatch):
-    """Inside the compiled step, Attention.attend asks flash_kernel(cfg, q.device) on every call; the capability
-    lookup and the FA4 custom op must trace as one graph (the memo is filled eagerly by make_masks first)."""
+    """The kernels are resolved once, before compile; the compiled step calls the resolved FA4 custom op and
+    traces as one graph."""
     fn, _ = fa4
     monkeypatch.setattr(tg, "FLASH_ATTN", None)
     monkeypatch.setattr(tg, "_flash_attn_func", None)
-    monkeypatch.setitem(tg._CUDA_MAJOR, 0, 9)
+    monkeypatch.setattr(tg, "_cuda_major", lambda index: 9)
     monkeypatch.setitem(tg.FA4_CHECK, 0, None)
+    monkeypatch.setattr(tg, "mlp_dgrad_kernel", lambda cfg, device: None)
     cfg, cuda = tg.Config.from_env({}), torch.device("cuda", 0)
-    assert tg.flash_kernel(cfg, cuda) is fn
+    kernels = tg.resolve_kernels(cfg, cuda)
+    assert kernels.flash is fn and kernels.attention == "fa4"
 
     def attend(q, k, v):
-        return tg.flash_kernel(cfg, cuda)(q, k, v, causal=True, window_size=(-1, -1)) * 2
+        return kernels.flash(q, k, v, causal=True, window_size=(-1, -1)) * 2
 
     torch._dynamo.reset()
     q, k, v, _ = _inputs()
@@ -238,13 +245,13 @@ def test_fa4_check_accepts_a_correct_kernel_and_rejects_broken_ones(fa4, monkeyp
         monkeypatch.setattr(tg, "FA4_CHECK", {})
         why = tg.fa4_check(cpu)
         assert why is not None and why.startswith(expect), why
-        assert tg.fa4_check(cpu) == why  # remembered: the compiled step only reads it
+        assert tg.fa4_check(cpu) == why  # remembered: one probe per process and device
 
     # policy with a failed check on cuda:0 (no GPU needed: the verdict is already recorded)
     monkeypatch.setattr(tg, "FA4_CHECK", {0: "RuntimeError: cuModuleLoadData failed"})
     monkeypatch.setattr(tg, "FLASH_ATTN", None)
     monkeypatch.setattr(tg, "_flash_attn_func", None)
-    monkeypatch.setitem(tg._CUDA_MAJOR, 0, 9)
+    monkeypatch.setattr(tg, "_cuda_major", lambda index: 9)
     monkeypatch.setattr(tg, "module_available", lambda name: True)
     cuda = torch.device("cuda", 0)
     assert tg.flash_kernel(tg.Config.from_env({}), cuda) is None
@@ -316,9 +323,10 @@ def test_model_doc_attention_varlen_equals_document_masks(fa4, monkeypatch, trai
         perturb(m)
         m.looping_active = True
         with monkeypatch.context() as mp:
-            if varlen:  # the CPU has no varlen kernel: hand the stand-in to make_masks and Attention.attend
+            if varlen:  # the CPU has no varlen kernel: resolve the stand-in as the model's varlen kernel
                 mp.setattr(tg, "varlen_kernel", lambda cfg, device=None: fn.varlen)
-            masks = tg.make_masks(cfg, x, BOS, train=train)
+            m.set_kernels(tg.resolve_kernels(cfg, "cpu"))
+            masks = m.masks(x, train=train)
             assert ("varlen" in masks) == varlen
             loss = m(x, y, masks)
             loss.backward()

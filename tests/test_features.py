@@ -79,7 +79,7 @@ def test_model_matches_reference(name):
     for looping in ([False, True] if cfg.num_loops else [False]):
         model.looping_active = looping
         with torch.no_grad():
-            got = model.forward_logits(ids, tg.make_masks(cfg, ids, BOS))
+            got = model.forward_logits(ids, tg.resolve_kernels(cfg, "cpu").masks(ids, BOS))
             ref = ref_logits(model, ids)
         assert got.shape == (2, 16, V)
         torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-5, msg=f"{name} looping={looping}")
@@ -97,7 +97,7 @@ def test_reference_features_are_not_vacuous():
         m = perturb(m.double())
         m.looping_active = cfg.num_loops > 0
         with torch.no_grad():
-            out = m.forward_logits(ids, tg.make_masks(cfg, ids, BOS))
+            out = m.forward_logits(ids, tg.resolve_kernels(cfg, "cpu").masks(ids, BOS))
         assert not torch.allclose(out, ref0, atol=1e-4), name
 
 
@@ -137,7 +137,7 @@ def test_attend_matches_naive_masked_softmax(window, hkv):
     ref = ref_attention_core(q, k, v, window)
     # direct call (no mask objects), and the mask objects the training/eval loops pass
     torch.testing.assert_close(attn.attend(q, k, v, None), ref)
-    torch.testing.assert_close(attn.attend(q, k, v, tg.make_masks(cfg, torch.zeros(2, 12, dtype=torch.long), BOS)), ref)
+    torch.testing.assert_close(attn.attend(q, k, v, tg.resolve_kernels(cfg, "cpu").masks(torch.zeros(2, 12, dtype=torch.long), BOS)), ref)
 
 
 def test_attend_doc_masks_match_naive():
@@ -145,7 +145,7 @@ def test_attend_doc_masks_match_naive():
     model = tg.GPT(cfg, bos_id=BOS)
     ids = token_ids(T=12, bos_positions=(0, 4, 5, 9))
     ids[1, 4] = 7  # a different document layout in the second row
-    masks = tg.make_masks(cfg, ids, BOS)
+    masks = tg.resolve_kernels(cfg, "cpu").masks(ids, BOS)
     doc = torch.cumsum((ids == BOS).long(), 1)
     q, k, v = _qkv()
     for block in model.blocks:
@@ -680,7 +680,7 @@ def test_short_window_at_least_seq_len_equals_full_context():
     perturb(m)
     ids = token_ids()
     with torch.no_grad():
-        torch.testing.assert_close(m.forward_logits(ids, tg.make_masks(m.cfg, ids, BOS)), base.forward_logits(ids))
+        torch.testing.assert_close(m.forward_logits(ids, tg.resolve_kernels(m.cfg, "cpu").masks(ids, BOS)), base.forward_logits(ids))
 
 
 TRANSPARENT = {
@@ -730,7 +730,7 @@ def test_every_parameter_gets_a_gradient():
         ids = token_ids(seed=5)
         for step in range(3):
             m.looping_active = cfg.num_loops > 0 and step > 0
-            loss = m(ids, torch.roll(ids, -1, 1), tg.make_masks(cfg, ids, BOS))
+            loss = m(ids, torch.roll(ids, -1, 1), tg.resolve_kernels(cfg, "cpu").masks(ids, BOS))
             loss.backward()
             for n, p in m.named_parameters():
                 assert p.grad is not None, f"{n} unused in step {step} ({kw})"
@@ -788,7 +788,7 @@ def test_causal(name):
     perturb(m)
     m.looping_active = cfg.num_loops > 0
     ids = token_ids(B=1, T=24, seed=7, bos_positions=(0, 9))
-    fwd = lambda x: m.forward_logits(x, tg.make_masks(cfg, x, BOS))
+    fwd = lambda x: m.forward_logits(x, tg.resolve_kernels(cfg, "cpu").masks(x, BOS))
     with torch.no_grad():
         ref = fwd(ids)
         for t in (1, 5, 9, 10, 17, 23):
@@ -817,13 +817,13 @@ def test_doc_attention_isolates_documents(name):
     m.looping_active = cfg.num_loops > 0
     ids = token_ids(B=2, T=24, seed=8, bos_positions=(0, 10, 17))
     with torch.no_grad():
-        ref = m.forward_logits(ids, tg.make_masks(cfg, ids, BOS))
+        ref = m.forward_logits(ids, tg.resolve_kernels(cfg, "cpu").masks(ids, BOS))
         # the mask objects are built from the batch when the caller passes none
         assert torch.equal(m.forward_logits(ids), ref)
         for t in (2, 9, 12, 16):
             ids2 = ids.clone()
             ids2[:, t] = 3 if ids[0, t] != 3 else 4
-            out = m.forward_logits(ids2, tg.make_masks(cfg, ids2, BOS))
+            out = m.forward_logits(ids2, tg.resolve_kernels(cfg, "cpu").masks(ids2, BOS))
             start = 10 if t < 10 else 17  # the next document's BOS
             assert torch.equal(out[:, start:], ref[:, start:]), (name, t)
             assert not torch.allclose(out[:, t:start], ref[:, t:start])
@@ -945,3 +945,25 @@ def test_every_parameter_has_one_declared_role(kw):
     m.extra = nn.Parameter(torch.zeros(3))  # a parameter added without a role is caught
     with pytest.raises(AssertionError, match="without a declared role.*extra"):
         tg.param_roles(m)
+
+
+def test_attn_gate_is_one_choice_and_the_old_switches_still_pick_it():
+    """ATTN_GATE=sparse|out|gated|none; the old on/off switches (env, grids, artifacts written before) map onto it."""
+    cfg = lambda **env: tg.Config.from_env({k: str(v) for k, v in env.items()})  # noqa: E731
+    assert cfg().attn_gate == "sparse" and cfg(ATTN_GATE="out").attn_gate == "out"
+    for env, want in ((dict(GATED_ATTENTION=1), "gated"), (dict(ATTN_OUT_GATE=1, SPARSE_ATTN_GATE=0), "out"),
+                      (dict(GATE_ATTN_OUT=1), "out"), (dict(SPARSE_ATTN_GATE=0), "none"), (dict(SPARSE_ATTN_GATE_ENABLED=0), "none"),
+                      (dict(GATED_ATTENTION=0), "sparse"), (dict(SPARSE_ATTN_GATE=1, GATED_ATTENTION=0), "sparse")):
+        assert cfg(**env).attn_gate == want, env
+    with pytest.raises(tg.ConfigError, match="ATTN_GATE and GATED_ATTENTION set the same option"):
+        cfg(ATTN_GATE="out", GATED_ATTENTION=1)
+    with pytest.raises(tg.ConfigError, match="ATTN_GATE"):
+        cfg(ATTN_GATE="both")
+    assert not tg.unknown_knob_warnings({"GATED_ATTENTION": "1", "SPARSE_ATTN_GATE_ENABLED": "0"})
+    # an artifact written before ATTN_GATE stores the three switches as bools
+    stored = {k: v for k, v in cfg().to_dict().items() if k != "ATTN_GATE"}
+    for flags, want in (((False, True, False), "out"), ((False, False, False), "none"), ((False, False, True), "sparse")):
+        old = dict(stored, GATED_ATTENTION=flags[0], ATTN_OUT_GATE=flags[1], SPARSE_ATTN_GATE=flags[2])
+        assert tg.Config.from_artifact(old)[0].attn_gate == want
+    with pytest.raises(tg.ConfigError, match="ATTN_OUT_GATE and SPARSE_ATTN_GATE are alternative"):
+        tg.Config.from_artifact(dict(stored, GATED_ATTENTION=False, ATTN_OUT_GATE=True, SPARSE_ATTN_GATE=True))

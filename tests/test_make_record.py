@@ -1,5 +1,5 @@
 """tools/make_record.py + tools/record_stats.py with synthetic run dirs that follow
-.dev/contract.md (summary.json, train.log, train_gpt.py). CPU, fast."""
+docs/FORMATS.md (summary.json, train.log, train_gpt.py). CPU, fast."""
 from __future__ import annotations
 
 import hashlib

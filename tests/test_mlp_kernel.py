@@ -1,6 +1,7 @@
 """MLP_KERNEL: the Triton dgrad GEMM with the LeakyReLU^2 derivative in its epilogue (train_gpt.mlp_dgrad_op).
 On the CPU the real kernel runs in Triton's interpreter (TRITON_INTERPRET=1, fp32); the GPU path (bf16, the
 autotuned H200 tile) is timed and checked by bench/bench_mlp.py and by the op's on-device check."""
+import dataclasses
 import importlib.util
 
 import pytest
@@ -54,6 +55,7 @@ def _model_grads(cfg, ids, dgrad=None, monkeypatch=None):
     model.looping_active = True
     if dgrad is not None:
         monkeypatch.setattr(tg, "mlp_dgrad_kernel", lambda cfg, device: dgrad)
+        model.set_kernels(tg.resolve_kernels(cfg, "cpu"))
     loss = model(ids, ids)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -113,7 +115,8 @@ def test_mlp_kernel_policy(monkeypatch):
     monkeypatch.setattr(tg, "_cuda_major", lambda index: 9)
     monkeypatch.setattr(tg, "MLP_DGRAD_CHECK", {0: None})
     assert tg.mlp_dgrad_kernel(cfg(), cuda) is fake and tg.mlp_dgrad_kernel(cfg(MLP_KERNEL="triton"), cuda) is fake
-    assert tg.mlp_kernel_name(cfg(), cuda) == "triton" and tg.mlp_kernel_name(cfg(), cpu) == "torch"
+    monkeypatch.setattr(tg, "flash_kernel", lambda cfg, device=None: None)  # the attention policy has its own test
+    assert tg.resolve_kernels(cfg(), cuda).mlp == "triton" and tg.resolve_kernels(cfg(), cpu).mlp == "torch"
     assert tg.mlp_dgrad_kernel(cfg(MLP_KERNEL="torch"), cuda) is None and tg.mlp_dgrad_kernel(cfg(), cpu) is None
     assert tg.mlp_dgrad_kernel(tiny_cfg(MODEL_DIM=36, NUM_HEADS=2, NUM_KV_HEADS=2), cuda) is None  # rows not 16-byte aligned
     monkeypatch.setattr(tg, "_cuda_major", lambda index: 8)  # Ampere: no TMA, auto keeps torch
@@ -128,8 +131,8 @@ def test_mlp_kernel_policy(monkeypatch):
     monkeypatch.setattr(tg, "MLP_DGRAD_CHECK", {})
     assert tg.checked_kernel(tg.MLP_DGRAD_CHECK, cpu, None, tg._mlp_dgrad_probe, "triton does not import") == "ImportError: triton does not import"
 
-    mlp = tg.MLP(tiny_cfg())  # TTT's LoRA on the MLP: the op is not asked for
-    monkeypatch.setattr(tg, "mlp_dgrad_kernel", lambda cfg, device: pytest.fail("asked for the op"))
+    mlp = tg.MLP(tiny_cfg())  # TTT's LoRA on the MLP: the op is not called
+    mlp.kernels = dataclasses.replace(mlp.kernels, mlp_dgrad=lambda *a: pytest.fail("called the op"))
     x = torch.randn(2, 4, 32)
     ctx = {"vi": 0, "lora": {"scale": 1.0, "w": {"0.up": (torch.zeros(1, 2, 32), torch.zeros(1, 128, 2))}}}
     assert mlp(x, ctx).shape == x.shape

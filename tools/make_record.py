@@ -12,7 +12,7 @@ Usage
     python tools/make_record.py --check records/track_10min_16mb/2026-05-01_MyIdea
 
 Every RUN_DIR is one seed of the same configuration, written by train_gpt.py (see
-.dev/contract.md): summary.json, train.log, train_gpt.py (the counted code file) and
+docs/FORMATS.md and tools/contract.py): summary.json, train.log, train_gpt.py (the counted code file) and
 final_model.ptz.  The tool writes records/track_<track>/<date>_<name>/ with
 
     README.md            per-seed results table + Method / Compliance / Requirements /
@@ -93,9 +93,10 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import record_stats as stats  # noqa: E402
+from contract import (BYTES_LIMIT as SIZE_LIMIT, FINAL_METRICS, NUM, SUMMARY_FIELDS, atomic_write_bytes,  # noqa: E402
+                      atomic_write_text, check_fields, env_value, last_event, read_events as parse_log, validate_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE_LIMIT = 16_000_000
 TIME_LIMIT = 600.0
 TRACKS = ("10min_16mb", "non_record_16mb")
 SCHEMA_VERSION = 1
@@ -105,43 +106,13 @@ DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 # Config keys that legitimately differ between the seeds of one submission.
 PER_RUN_CONFIG_KEYS = ("SEED", "RUN_ID", "RUN_DIR", "ARTIFACT_DIR", "LOG_DIR", "OUTPUT_DIR")
 
-NUM = (int, float)
-# field -> (allowed types, nullable)
-REQUIRED_SUMMARY_FIELDS: dict[str, tuple[tuple, bool]] = {
-    "seed": ((int,), False),
-    "code_sha256": ((str,), False),
-    "code_bytes": ((int,), False),
-    "config": ((dict,), False),
-    "world_size": ((int,), False),
-    "device": ((str,), False),
-    "torch_version": ((str,), False),
-    "cuda_version": ((str,), True),
-    "steps": ((int,), False),
-    "train_seconds": (NUM, False),
-    "hessian_seconds": (NUM, False),
-    "train_plus_hessian_seconds": (NUM, False),
-    "max_wallclock_seconds": (NUM, True),
-    "ms_per_step": (NUM, False),
-    "val_tokens": ((int,), False),
-    "val_bytes": ((int,), False),
-    "prequant_val_loss": (NUM, False),
-    "prequant_val_bpb": (NUM, False),
-    "quant_val_loss": (NUM, False),
-    "quant_val_bpb": (NUM, False),
-    "sliding_val_loss": (NUM, True),
-    "sliding_val_bpb": (NUM, True),
-    "ttt_val_loss": (NUM, True),
-    "ttt_val_bpb": (NUM, True),
-    "final_val_loss": (NUM, False),
-    "final_val_bpb": (NUM, False),
-    "final_metric": ((str,), False),
-    "eval_seconds": (NUM, False),
-    "max_eval_seconds": (NUM, True),
-    "bytes_model": ((int,), False),
-    "bytes_code": ((int,), False),
-    "bytes_total": ((int,), False),
-}
-FINAL_METRICS = {"roundtrip": "quant", "sliding": "sliding", "ttt": "ttt"}
+# The summary.json fields a record needs (types: contract.SUMMARY_FIELDS).
+REQUIRED_SUMMARY_FIELDS: dict[str, tuple[tuple, bool]] = {k: SUMMARY_FIELDS[k] for k in """
+    seed code_sha256 code_bytes config world_size device torch_version cuda_version steps train_seconds
+    hessian_seconds train_plus_hessian_seconds max_wallclock_seconds ms_per_step val_tokens val_bytes
+    prequant_val_loss prequant_val_bpb quant_val_loss quant_val_bpb sliding_val_loss sliding_val_bpb ttt_val_loss
+    ttt_val_bpb final_val_loss final_val_bpb final_metric eval_seconds max_eval_seconds bytes_model bytes_code
+    bytes_total""".split()}
 
 SEED_RESULT_FIELDS: dict[str, tuple[tuple, bool]] = {
     "val_loss": (NUM, False), "val_bpb": (NUM, False),
@@ -186,50 +157,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _type_ok(value: Any, types: tuple, nullable: bool) -> bool:
-    if value is None:
-        return nullable
-    if isinstance(value, bool):  # bool is an int subclass: never accept it as a number
-        return bool in types
-    if isinstance(value, float) and not math.isfinite(value):
-        return False
-    return isinstance(value, types)
-
-
-def _check_fields(obj: dict, spec: dict, where: str) -> list[str]:
-    problems = []
-    for key, (types, nullable) in spec.items():
-        if key not in obj:
-            problems.append(f"{where}: missing field {key!r}")
-        elif not _type_ok(obj[key], types, nullable):
-            want = "/".join(t.__name__ for t in types) + (" or null" if nullable else "")
-            problems.append(f"{where}: field {key!r} = {obj[key]!r} is not {want}")
-    return problems
-
-
-def parse_log(path: Path) -> dict[str, list[dict[str, str]]]:
-    """Contract log lines `event:<name> key:value ...` -> {name: [ {key: value}, ... ]}."""
-    events: dict[str, list[dict[str, str]]] = {}
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            parts = line.split()
-            if not parts or not parts[0].startswith("event:"):
-                continue
-            name = parts[0][len("event:"):]
-            kv = {}
-            for tok in parts[1:]:
-                k, sep, v = tok.partition(":")
-                if sep:
-                    kv[k] = v
-            events.setdefault(name, []).append(kv)
-    return events
-
-
-def last_event(events: dict, name: str) -> Optional[dict[str, str]]:
-    lst = events.get(name)
-    return lst[-1] if lst else None
-
-
 def log_value_matches(text: str, value: Any) -> bool:
     """Does a number printed in a log equal `value` up to the precision it was printed with?"""
     if value is None:
@@ -246,18 +173,6 @@ def log_value_matches(text: str, value: Any) -> bool:
     decimals = len(mant.split(".")[1]) if "." in mant else 0
     tol = 0.5 * 10.0 ** (-decimals) * (10.0 ** int(exp) if exp else 1.0)
     return abs(x - v) <= tol * 1.000001 + 1e-12 * max(1.0, abs(v))
-
-
-def config_env_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return str(v)
 
 
 def _fmt(v: Any, nd: int = 5) -> str:
@@ -305,7 +220,7 @@ def load_run(run_dir: Path, track: str) -> Run:
         raise RecordError(f"{run_dir}/summary.json: unreadable ({e})") from None
     if not isinstance(summary, dict):
         raise RecordError(f"{run_dir}/summary.json: not a JSON object")
-    problems = _check_fields(summary, REQUIRED_SUMMARY_FIELDS, f"{run_dir}/summary.json")
+    problems = validate_summary(summary, REQUIRED_SUMMARY_FIELDS, f"{run_dir}/summary.json")
     if problems:
         raise RecordError("\n".join(problems))
     s = summary
@@ -335,15 +250,12 @@ def load_run(run_dir: Path, track: str) -> Run:
     cfg_seed = s["config"].get("SEED")
     if cfg_seed is not None and int(cfg_seed) != s["seed"]:
         errs.append(f"{where}: summary seed {s['seed']} != config SEED {cfg_seed}")
-    fm = s["final_metric"]
-    if fm not in FINAL_METRICS:
-        errs.append(f"{where}: final_metric {fm!r} is not one of {sorted(FINAL_METRICS)}")
-    else:
-        pre = FINAL_METRICS[fm]
-        for unit in ("loss", "bpb"):
-            a, b = s[f"{pre}_val_{unit}"], s[f"final_val_{unit}"]
-            if a is None or abs(a - b) > 1e-9 * max(1.0, abs(b)):
-                errs.append(f"{where}: final_val_{unit} {b} != {pre}_val_{unit} {a} (final_metric {fm})")
+    fm = s["final_metric"]  # one of FINAL_METRICS: validate_summary checked it
+    pre = FINAL_METRICS[fm]
+    for unit in ("loss", "bpb"):
+        a, b = s[f"{pre}_val_{unit}"], s[f"final_val_{unit}"]
+        if a is None or abs(a - b) > 1e-9 * max(1.0, abs(b)):
+            errs.append(f"{where}: final_val_{unit} {b} != {pre}_val_{unit} {a} (final_metric {fm})")
     # log
     events = parse_log(run_dir / "train.log")
     errs += compare_log_to_summary(events, s, f"{where}/train.log", digest)
@@ -677,7 +589,7 @@ def readme_text(sub: dict, runs: list[Run], args, requirements: str) -> str:
                        + (f" (bytes/token of the val set = {sub['val_bytes'] / sub['val_tokens']:.6f})"
                           if sub.get("val_tokens") and sub.get("val_bytes") else "") + ".\n")
 
-    env_items = [f"{k}={shlex.quote(config_env_value(v))}" for k, v in sorted(cfg.items()) if k not in ignore]
+    env_items = [f"{k}={shlex.quote(env_value(v))}" for k, v in sorted(cfg.items()) if k not in ignore]
     env_block = "export \\\n  " + " \\\n  ".join(env_items) if env_items else ""
     nproc = s0["world_size"]
     method = Path(args.method_file).read_text().strip() if args.method_file else (
@@ -808,12 +720,6 @@ def build_submission(runs: list[Run], args) -> dict:
     return sub
 
 
-def _write(path: Path, data: bytes | str) -> None:
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(path, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-
-
 def make_record(args) -> Path:
     if not NAME_RE.fullmatch(args.name or ""):
         raise RecordError(f"--name {args.name!r}: use letters, digits, '.', '_', '+', '-' (no spaces)")
@@ -848,12 +754,12 @@ def make_record(args) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
     try:
-        _write(tmp / "train_gpt.py", code_bytes)
+        atomic_write_bytes(tmp / "train_gpt.py", code_bytes)
         for r in runs:
             shutil.copyfile(r.dir / "train.log", tmp / f"train_seed{r.seed}.log")
-        _write(tmp / "requirements.txt", req)
-        _write(tmp / "submission.json", json.dumps(sub, indent=2) + "\n")
-        _write(tmp / "README.md", readme)
+        atomic_write_text(tmp / "requirements.txt", req)
+        atomic_write_text(tmp / "submission.json", json.dumps(sub, indent=2) + "\n")
+        atomic_write_text(tmp / "README.md", readme)
         problems = check_record(tmp, folder_name=dest.name, ignore_config_keys=ignore)
         if problems:
             raise RecordError("the generated folder fails its own check:\n" + "\n".join(problems))
@@ -897,7 +803,7 @@ def check_record(record_dir: Path, folder_name: Optional[str] = None,
         return [f"submission.json: invalid JSON ({e})"]
     if not isinstance(sub, dict):
         return ["submission.json: not an object"]
-    problems += _check_fields(sub, SUBMISSION_FIELDS, "submission.json")
+    problems += check_fields(sub, SUBMISSION_FIELDS, "submission.json")
     if problems:
         return problems
     if sub["schema_version"] != SCHEMA_VERSION:
@@ -928,7 +834,7 @@ def check_record(record_dir: Path, folder_name: Optional[str] = None,
         if not isinstance(r, dict):
             problems.append(f"seed_results[{x}] is not an object")
             continue
-        problems += _check_fields(r, SEED_RESULT_FIELDS, f"seed_results[{x}]")
+        problems += check_fields(r, SEED_RESULT_FIELDS, f"seed_results[{x}]")
     comp = sub["compliance"]
     for k in COMPLIANCE_KEYS:
         if not isinstance(comp.get(k), bool):
@@ -1007,7 +913,7 @@ def check_record(record_dir: Path, folder_name: Optional[str] = None,
 
     # comparison block
     if "reference" in sub:
-        problems += _check_fields(sub, COMPARISON_FIELDS, "submission.json")
+        problems += check_fields(sub, COMPARISON_FIELDS, "submission.json")
         ref = sub.get("reference")
         if isinstance(ref, dict) and not problems:
             try:

@@ -57,6 +57,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from contract import TRAIN_LOG, atomic_write_text, last_event, read_events  # noqa: E402
+
 try:
     import brotli  # type: ignore
 except ImportError:  # pragma: no cover
@@ -199,23 +202,6 @@ def unpack_source(text: str) -> Optional[str]:
     return brotli.decompress(raw).decode("utf-8")
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; use the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def pack_file(src_path: Path, out_path: Path, codec: str = "auto", keep_docstrings: bool = False,
               indent: int = 1, strip: bool = True) -> dict:
     src_path, out_path = Path(src_path), Path(out_path)
@@ -226,7 +212,7 @@ def pack_file(src_path: Path, out_path: Path, codec: str = "auto", keep_docstrin
         raise PackError("refusing to overwrite the input file; choose another -o")
     code = strip_source(original, keep_docstrings=keep_docstrings, indent=indent) if strip else original
     packed = pack_source(code, codec=codec, name=out_path.name)
-    atomic_write(out_path, packed)
+    atomic_write_text(out_path, packed)
     info = dict(input=str(src_path), output=str(out_path),
                 original_bytes=len(original.encode("utf-8")),
                 stripped_bytes=len(code.encode("utf-8")),
@@ -241,18 +227,9 @@ def _sha256(path: Path) -> str:
 
 
 def _log_bytes_code(run_dir: Path) -> Optional[int]:
-    log = run_dir / "train.log"
-    if not log.is_file():
-        return None
-    found = None
-    for line in log.read_text(errors="replace").splitlines():
-        parts = line.split()
-        if parts and parts[0] == "event:artifact":
-            for tok in parts[1:]:
-                k, _, v = tok.partition(":")
-                if k == "bytes_code":
-                    found = int(v)
-    return found
+    log = run_dir / TRAIN_LOG
+    art = last_event(read_events(log, coerce_values=True), "artifact") if log.is_file() else None
+    return art.get("bytes_code") if art and isinstance(art.get("bytes_code"), int) else None
 
 
 def run_smoke(cmd_template: str, file: Path, run_dir: Path, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -337,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if src is None:
                 raise PackError(f"{inp} is not a file packed by pack_code.py")
             if args.output:
-                atomic_write(Path(args.output), src)
+                atomic_write_text(Path(args.output), src)
             else:
                 sys.stdout.write(src)
             return 0

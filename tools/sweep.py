@@ -26,13 +26,14 @@ Usage:
     python tools/sweep.py experiments/seed000_issue5.toml --collect     # only rebuild the tables
 
 Library use: load_grid(path), parse_log(path), write_table(results, path), write_plot(results, path),
-collect_row(...). Nothing is imported from train_gpt.py.
+collect_row(...). Nothing is imported from train_gpt.py; the log/summary contract is tools/contract.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import io
 import json
 import math
 import os
@@ -49,10 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import contract  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_COMMAND = "python train_gpt.py"
-SUMMARY_NAME = "summary.json"
-TRAIN_LOG_NAME = "train.log"
+SUMMARY_NAME, TRAIN_LOG_NAME = contract.SUMMARY, contract.TRAIN_LOG
 CAPTURE_DIR = "_logs"  # <out>/_logs/<id>.log: stdout+stderr of each row as the sweep saw it
 SKIP_TRAIN_LINES = 5  # train lines ignored (compile / warm-up) before taking the ms/step median
 BPB_DECIMALS = 4
@@ -60,22 +63,6 @@ BPB_DECIMALS = 4
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 ENV_KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 RESERVED_ENV = ("RUN_ID", "RUN_DIR")
-
-# Config names the training script is known to read (for the "inherited from your shell" warning only).
-KNOWN_CONFIG_ENV = frozenset(
-    """WINDOW_PATTERN WINDOW_SHORT NUM_LAYERS MODEL_DIM NUM_HEADS HEAD_DIM NUM_KV_HEADS MLP_MULT VOCAB_SIZE
-    TIE_EMBEDDINGS VE_ENABLED VE_LAYERS VE_DIM VE_GATE VE_GATE_WIDTH VALUE_RESIDUAL GATED_ATTENTION
-    ATTN_OUT_GATE GATE_WIDTH GATE_ATTN_SRC XSA_LAST_N ROPE_DIMS ROPE_BASE SHARED_HEAD_DIM LOGIT_SOFTCAP
-    QK_GAIN_INIT LN_SCALE LN_SCALE_MODE LEAKY_SLOPE SMEAR_GATE SMEAR_GATE_MODE SMEAR_GATE_WIDTH SMEAR_BOS_FIX
-    BIGRAM_HASH BIGRAM_BUCKETS BIGRAM_DIM NUM_LOOPS LOOP_START LOOP_END ENABLE_LOOPING_AT PARALLEL_START_LAYER
-    SKIP_GATES_ENABLED MATRIX_BITS EMBED_BITS MATRIX_CLIP_SIGMAS EMBED_CLIP_SIGMAS MLP_CLIP_SIGMAS
-    ATTN_CLIP_SIGMAS LQER_ENABLED COMPRESSOR WARMDOWN_FRAC WARMDOWN_ITERS MIN_LR MATRIX_LR SCALAR_LR
-    TIED_EMBED_LR TIED_EMBED_INIT_STD EMBED_WD MUON_WD ADAM_WD MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START
-    MUON_MOMENTUM_WARMUP_STEPS MUON_BACKEND_STEPS BETA1 BETA2 GRAD_CLIP_NORM EMA_ENABLED EMA_DECAY
-    TRAIN_SEQ_LEN TRAIN_BATCH_TOKENS ITERATIONS WARMUP_STEPS MAX_WALLCLOCK_SECONDS EVAL_SEQ_LEN EVAL_STRIDE
-    SLIDING_EVAL TTT_ENABLED SEED DATA_PATH TOKENIZER_PATH PRESET SPARSE_ATTN_GATE UNET_SKIPS EMBED_LR HEAD_LR
-    QUANT MUON_NS_COEFFS MUON_ROW_NORMALIZE GPTQ_RESERVE_SECONDS GPTQ_CALIBRATION_BATCHES""".split()
-)
 
 # (record key, column title) of the val_bpb metrics, in pipeline order.
 BPB_METRICS = (
@@ -138,18 +125,11 @@ class Grid:
 
 
 def env_value(value: Any, where: str = "") -> str:
-    """TOML scalar -> env string (bools become 1/0)."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise GridError(f"{where}: non-finite number {value!r}")
-        return repr(value)
-    if isinstance(value, str):
-        return value
-    raise GridError(f"{where}: env values must be strings, numbers or booleans, got {type(value).__name__}")
+    """TOML scalar or flat list -> env string (contract.env_value: bools become 1/0, lists comma-joined)."""
+    try:
+        return contract.env_value(value)
+    except (TypeError, ValueError) as e:
+        raise GridError(f"{where}: {e}") from None
 
 
 def _env_table(table: Any, where: str) -> dict[str, str]:
@@ -237,48 +217,6 @@ def load_grid(path: str | os.PathLike) -> Grid:
 # --------------------------------------------------------------------------------------------------
 
 
-def _coerce(text: str) -> Any:
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def parse_event_line(line: str) -> tuple[str, dict[str, Any]] | None:
-    """'event:train step:3 loss:2.5' -> ('train', {'step': 3, 'loss': 2.5}); None if not an event line.
-
-    Anything before the first 'event:' token (e.g. a torchrun '[rank0]:' prefix) is ignored.
-    """
-    tokens = line.strip().split()
-    for i, tok in enumerate(tokens):
-        if tok.startswith("event:") and len(tok) > len("event:"):
-            name = tok[len("event:"):]
-            fields: dict[str, Any] = {}
-            for t in tokens[i + 1:]:
-                key, sep, value = t.partition(":")
-                if sep and key:
-                    fields[key] = _coerce(value)
-            return name, fields
-    return None
-
-
-def _as_bool(v: Any) -> bool | None:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, float)):
-        return bool(v)
-    if isinstance(v, str):
-        if v.lower() in ("1", "true", "yes"):
-            return True
-        if v.lower() in ("0", "false", "no"):
-            return False
-    return None
-
-
 def median_ms_step(values: Sequence[float], skip: int = SKIP_TRAIN_LINES) -> float | None:
     """Median of the ms/step values after the first few (compile/warm-up) lines; keeps at least half."""
     vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
@@ -289,13 +227,13 @@ def median_ms_step(values: Sequence[float], skip: int = SKIP_TRAIN_LINES) -> flo
 
 
 def parse_log_lines(lines: Iterable[str]) -> dict[str, Any]:
-    """Normalised metrics from contract log lines (see .dev/contract.md). Later events win."""
+    """Normalised metrics from contract log lines (tools/contract.py). Later events win."""
     out: dict[str, Any] = {}
     ms_steps: list[float] = []
     last_train_step = None
     last_error_line = None
     for line in lines:
-        ev = parse_event_line(line)
+        ev = contract.parse_line(line, coerce_values=True)
         if ev is None:
             low = line.strip()
             if low and re.search(r"(Error|Exception|Traceback|error:|FAILED|Killed)", low):
@@ -335,7 +273,7 @@ def parse_log_lines(lines: Iterable[str]) -> dict[str, Any]:
             if "limit" in f:
                 out["bytes_limit"] = f["limit"]
             if "fits" in f:
-                out["fits"] = _as_bool(f["fits"])
+                out["fits"] = contract.as_bool(f["fits"])
         elif name == "gptq":
             if "hessian_s" in f:
                 out["hessian_seconds"] = f["hessian_s"]
@@ -347,9 +285,7 @@ def parse_log_lines(lines: Iterable[str]) -> dict[str, Any]:
                 if k in f:
                     out[k] = f[k]
         elif name == "error":
-            # msg values contain no spaces by contract, but be lenient: keep the raw text after msg:
-            m = re.search(r"msg:(.*)$", line.strip())
-            out["error"] = m.group(1).strip() if m else line.strip()
+            out["error"] = f.get("msg", line.strip())
     if ms_steps:
         out["ms_per_step"] = median_ms_step(ms_steps)
         out["n_train_lines"] = len(ms_steps)
@@ -369,21 +305,14 @@ def parse_log(path: str | os.PathLike) -> dict[str, Any]:
         return parse_log_lines(f)
 
 
-_SUMMARY_MAP = {
-    "prequant_val_loss": "prequant_val_loss", "prequant_val_bpb": "prequant_val_bpb",
-    "quant_val_loss": "quant_val_loss", "quant_val_bpb": "quant_val_bpb",
-    "sliding_val_loss": "sliding_val_loss", "sliding_val_bpb": "sliding_val_bpb",
-    "ttt_val_loss": "ttt_val_loss", "ttt_val_bpb": "ttt_val_bpb",
-    "final_val_loss": "final_val_loss", "final_val_bpb": "final_val_bpb", "final_metric": "final_metric",
-    "bytes_model": "bytes_model", "bytes_code": "bytes_code", "bytes_total": "bytes_total",
-    "bytes_limit": "bytes_limit", "compressor": "compressor", "artifact_sha256": "artifact_sha256",
-    "ms_per_step": "ms_per_step", "tokens_per_s": "tokens_per_s", "steps": "steps",
-    "train_seconds": "train_seconds", "hessian_seconds": "hessian_seconds",
-    "train_plus_hessian_seconds": "train_plus_hessian_seconds", "eval_seconds": "eval_seconds",
-    "peak_mem_gib": "peak_mem_gib", "code_sha256": "code_sha256", "code_bytes": "code_bytes",
-    "world_size": "world_size", "device": "device", "seed": "seed", "run_id": "run_id",
-    "size_ok": "fits", "train_time_ok": "train_time_ok", "eval_time_ok": "eval_time_ok",
-}
+# summary.json keys (contract.SUMMARY_FIELDS) the sweep reports, under their own names except size_ok -> fits (as in the log)
+_SUMMARY_MAP = {k: "fits" if k == "size_ok" else k for k in """
+    prequant_val_loss prequant_val_bpb quant_val_loss quant_val_bpb sliding_val_loss sliding_val_bpb ttt_val_loss
+    ttt_val_bpb final_val_loss final_val_bpb final_metric bytes_model bytes_code bytes_total bytes_limit
+    compressor artifact_sha256 ms_per_step tokens_per_s steps train_seconds hessian_seconds
+    train_plus_hessian_seconds eval_seconds peak_mem_gib code_sha256 code_bytes world_size device seed run_id
+    size_ok train_time_ok eval_time_ok
+    """.split()}
 
 
 def parse_summary(path: str | os.PathLike) -> dict[str, Any]:
@@ -398,7 +327,7 @@ def parse_summary(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     out = {dst: data[src] for src, dst in _SUMMARY_MAP.items() if src in data and data[src] is not None}
     if "fits" not in out and isinstance(data.get("bytes_total"), int):
-        out["fits"] = data["bytes_total"] <= int(data.get("bytes_limit") or 16_000_000)
+        out["fits"] = data["bytes_total"] <= int(data.get("bytes_limit") or contract.BYTES_LIMIT)
     return out
 
 
@@ -556,7 +485,7 @@ def write_table(results: Any, path: str | os.PathLike, baseline: str | None = No
             lines.append(r["env_line"])
         lines.append("```")
     text = "\n".join(lines) + "\n"
-    _atomic_write_text(Path(path), text)
+    contract.atomic_write_text(Path(path), text)
     return text
 
 
@@ -621,24 +550,16 @@ def write_plot(results: Any, path: str | os.PathLike, baseline: str | None = Non
     ax2.set_xticklabels(ids, rotation=45 if len(ids) > 6 or max((len(i) for i in ids), default=0) > 8 else 0,
                         ha="right" if len(ids) > 6 else "center", fontsize=8)
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    contract.atomic_write_bytes(path, buf.getvalue())
 
 
 def write_reports(results: dict[str, Any], out_dir: Path, quiet: bool = False) -> None:
     """results.json, results.md and (if matplotlib works) results.png in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    contract.atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
     header = []
     sw = results.get("sweep", {})
     if sw.get("command"):
@@ -863,7 +784,7 @@ def run_sweep(grid: Grid, out_dir: Path, *, only: Sequence[Row] | None = None,
         except (OSError, ValueError):
             pass
 
-    inherited = sorted(k for k in os.environ if k in KNOWN_CONFIG_ENV
+    inherited = sorted(k for k in os.environ if k in contract.KNOWN_ENV and k not in RESERVED_ENV
                        and k not in grid.base and k not in overrides
                        and not any(k in r.env for r in selected))
     if inherited and not collect:
