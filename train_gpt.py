@@ -312,14 +312,19 @@ def _parse(field: Field, raw: str, source: str):
         raise ConfigError(f"{source}={raw!r}: expected {field.type.__name__}") from None
 
 
-class Config:
+# One typed, frozen attribute per Field (the lower-cased env name): a misspelt read or any write fails loudly.
+ConfigValues = dataclasses.make_dataclass("ConfigValues", [(f.name.lower(), f.type) for f in FIELDS], frozen=True)
+
+
+class Config(ConfigValues):
     """Typed, validated view of the env. Attribute names are the lower-cased env names."""
     FIELDS = FIELDS
 
-    def __init__(self, values: dict[str, Any]):
-        self._values = dict(values)
-        for k, v in values.items():
-            setattr(self, k.lower(), v)
+    def __init__(self, values: Mapping[str, Any]):
+        missing = [f.name for f in FIELDS if f.name not in values]
+        if missing or len(values) != len(FIELDS):
+            raise ConfigError(f"Config needs exactly the FIELDS: missing {missing[:3]}, unknown {sorted(set(values) - {f.name for f in FIELDS})[:3]}")
+        super().__init__(**{f.name.lower(): values[f.name] for f in FIELDS})
 
     @classmethod
     def fields(cls):
@@ -408,7 +413,7 @@ class Config:
         return cfg, ignored
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self._values)
+        return {f.name: getattr(self, f.name.lower()) for f in FIELDS}
 
     def replace(self, **kw) -> "Config":
         vals = self.to_dict()

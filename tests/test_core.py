@@ -162,13 +162,18 @@ def test_causality_default_stack():
         assert not torch.allclose(out[:, t:], base[:, t:])
 
 
-def test_artifact_roundtrip_exact(tmp_path):
+def quantized_tiny(**kw):
+    """A tiny RTN-quantized model with non-trivial weights: (cfg, tensors, qmeta)."""
     torch.manual_seed(0)
-    cfg = tiny_cfg(QUANT="rtn")
+    cfg = tiny_cfg(QUANT="rtn", **kw)
     model = tg.GPT(cfg)
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.02)
-    tensors, qmeta = tg.quantize_model(model, cfg, {})
+    return (cfg, *tg.quantize_model(model, cfg, {}))
+
+
+def test_artifact_roundtrip_exact(tmp_path):
+    cfg, tensors, qmeta = quantized_tiny()
     blob = tg.build_artifact(tensors, qmeta, cfg, 1)
     loaded, lcfg = tg.load_artifact(blob, torch.device("cpu"))
     expect = tg.dequantize_state_dict(tensors, qmeta)
@@ -177,7 +182,7 @@ def test_artifact_roundtrip_exact(tmp_path):
     for k in expect:
         assert torch.equal(got[k], expect[k].to(got[k].dtype)), k
     # same bytes -> same model; serialization is deterministic
-    assert tg.build_artifact(*tg.quantize_model(model, cfg, {}), cfg, 1) == blob
+    assert tg.build_artifact(*quantized_tiny()[1:], cfg, 1) == blob
     assert lcfg.to_dict()["NUM_LAYERS"] == cfg.num_layers
 
 

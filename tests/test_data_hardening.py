@@ -6,7 +6,6 @@ CPU only, no network, a few seconds."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import socket
@@ -20,21 +19,15 @@ import pytest
 
 spm = pytest.importorskip("sentencepiece")
 
+from conftest import load_data_script
+
 ROOT = Path(__file__).resolve().parents[1]
 TTS = ROOT / "data" / "text_to_shards.py"
 DL = ROOT / "data" / "cached_challenge_fineweb.py"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look the module up while the class body runs
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tts = _load("text_to_shards")
-dl = _load("cached_challenge_fineweb")
+tts = load_data_script("text_to_shards")
+dl = load_data_script("cached_challenge_fineweb")
 
 WORDS = "the cat dog runs over under blue green river stone light house garden data model token".split()
 

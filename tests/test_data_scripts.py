@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
 import json
 import os
 import random
@@ -18,22 +17,16 @@ import pytest
 
 spm = pytest.importorskip("sentencepiece")
 
+from conftest import load_data_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 NEED_SHARED = pytest.mark.skipif(not (SHARED / "data").is_dir(),
                                  reason=f"shared data folder {SHARED}/data is absent (only present on the dev box)")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look the module up while the class body runs
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tts = _load("text_to_shards")
-dl = _load("cached_challenge_fineweb")
+tts = load_data_script("text_to_shards")
+dl = load_data_script("cached_challenge_fineweb")
 
 WORDS = ("the cat dog runs over under blue green river stone light house garden 2024 data model token "
          "quick slow bright dark café naïve über north south east west alpha beta gamma").split()

@@ -16,20 +16,14 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_core import ROOT, TINY, events, run_train, tiny_cfg
+from test_core import ROOT, TINY, events, quantized_tiny, run_train, tiny_cfg
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def artifact():
-    torch.manual_seed(0)
-    cfg = tiny_cfg(QUANT="rtn")
-    model = tg.GPT(cfg)
-    for p in model.parameters():
-        p.data.add_(torch.randn_like(p) * 0.02)
-    tensors, qmeta = tg.quantize_model(model, cfg, {})
-    return cfg, tensors, qmeta
+    return quantized_tiny()
 
 
 def blob_of(artifact, compressor="brotli"):

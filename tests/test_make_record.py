@@ -573,3 +573,23 @@ def test_parse_log_keeps_colons_in_values(tmp_path):
     ev = mr.parse_log(p)
     assert ev["summary"][0]["path"] == "/a/b:c/summary.json"
     assert mr.last_event(ev, "val")["step"] == "2" and len(ev["val"]) == 2
+
+
+def test_a_truncated_validation_set_is_not_a_record_track_run(tmp_path):
+    """valid_score false (VAL_MAX_TOKENS > 0): refused for 10min_16mb with the way out named; non_record_16mb takes it."""
+    d = make_run(tmp_path, 1, config={"VAL_MAX_TOKENS": 8192}, valid_score=False)
+    with pytest.raises(mr.RecordError, match=r"valid_score is false \(VAL_MAX_TOKENS=8192.*--track non_record_16mb"):
+        mr.load_run(d, "10min_16mb")
+    assert mr.load_run(d, "non_record_16mb").summary["valid_score"] is False
+
+
+def test_reference_record_on_another_validation_set_is_refused(tmp_path, three_runs, capsys):
+    """A Welch test against a record that scored other val tokens / bytes (another tokenizer, a truncated val set)
+    compares nothing: refused, naming both."""
+    rc, rec = build(tmp_path, three_runs)
+    assert rc == 0
+    other = [make_run(tmp_path / "runs2", s, val_tokens=VAL_TOKENS // 2) for s in (4, 5, 6)]
+    rc, _ = build(tmp_path, other, "--ref-record", str(rec), name="Other")
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "scored another validation set or tokenizer" in err and f"{VAL_TOKENS:,}" in err

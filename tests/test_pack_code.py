@@ -167,3 +167,22 @@ def test_verify_fails_when_command_fails(tmp_path):
     ok, report = pack_code.verify(src, packed, cmd_template="{python} {file}")  # no PRESET -> exits 1
     assert not ok
     assert any("command failed" in ln for ln in report)
+
+
+def test_existing_output_binary_input_and_missing_grid_are_one_line_errors(tmp_path, capsys):
+    """pack_code never replaces an existing output without --force, names a non-UTF-8 input; sweep names a missing grid."""
+    import pack_code
+    import sweep
+    src = tmp_path / "a.py"
+    src.write_text("x = 1\n", encoding="utf-8")
+    out = tmp_path / "a.packed.py"
+    out.write_text("earlier result\n", encoding="utf-8")
+    assert pack_code.main([str(src), "-o", str(out)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_text() == "earlier result\n"
+    assert pack_code.main([str(src), "-o", str(out), "--force"]) == 0 and pack_code.unpack_source(out.read_text()) is not None
+    binary = tmp_path / "b.py"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert pack_code.main([str(binary), "-o", str(tmp_path / "b.out")]) == 1
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert sweep.main([str(tmp_path / "missing.toml"), "--dry-run"]) == 2
+    assert "no such grid file" in capsys.readouterr().err

@@ -441,3 +441,26 @@ def test_write_table_library_use(tmp_path):
     assert "boom" in text
     sweep.write_plot(results, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sigterm_records_the_row_as_interrupted_and_resume_reruns_it(fake_setup):
+    """SIGTERM to the sweep (a scheduler's kill): the running row is killed, recorded `interrupted`, exit 143;
+    --resume skips the finished rows and runs the interrupted one again."""
+    import signal
+    import subprocess
+    tmp_path, out, counter, args = fake_setup
+    import time
+    cmd = [sys.executable, str(REPO / "tools" / "sweep.py"), *args, "--only", "a,d", "--set", "FAKE_SLEEP=60"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while _runs(counter) != ["fake-a"] and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted (SIGTERM)" in err and "--resume" in err
+    rows = {r["id"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["a"]["status"] == "interrupted" and "SIGTERM" in rows["a"]["error"]
+    assert sweep.main(args + ["--only", "a,d", "--resume"]) == 0
+    assert _runs(counter) == ["fake-a", "fake-a", "fake-d"]

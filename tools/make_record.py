@@ -226,6 +226,10 @@ def load_run(run_dir: Path, track: str) -> Run:
     s = summary
     where = str(run_dir)
     errs = []
+    # a score on a truncated validation set (VAL_MAX_TOKENS) is no challenge score: not for the record track
+    if track == "10min_16mb" and s.get("valid_score") is False:
+        errs.append(f"{where}: valid_score is false (VAL_MAX_TOKENS={s['config'].get('VAL_MAX_TOKENS')} truncated the validation "
+                    f"set): rerun with VAL_MAX_TOKENS=0, or submit with --track non_record_16mb")
     # size
     if s["bytes_total"] > SIZE_LIMIT:
         errs.append(f"{where}: bytes_total {s['bytes_total']:,} > {SIZE_LIMIT:,} (artifact over the 16 MB cap)")
@@ -372,7 +376,7 @@ def check_runs_consistent(runs: list[Run], ignore: set[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- reference / stats
-def load_reference(args, bytes_per_tok: Optional[float]) -> Optional[dict]:
+def load_reference(args, bytes_per_tok: Optional[float], val: Optional[tuple] = None) -> Optional[dict]:
     given = [args.ref_bpb is not None, bool(args.ref_values), bool(args.ref_loss_values),
              args.ref_record is not None]
     if sum(given) == 0:
@@ -401,6 +405,10 @@ def load_reference(args, bytes_per_tok: Optional[float]) -> Optional[dict]:
         sub = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RecordError(f"--ref-record: cannot read {p} ({e})") from None
+    theirs = (sub.get("val_tokens"), sub.get("val_bytes"))
+    if val is not None and None not in theirs and tuple(theirs) != tuple(val):
+        raise RecordError(f"--ref-record {p}: scored another validation set or tokenizer (val_tokens/val_bytes "
+                          f"{theirs[0]:,}/{theirs[1]:,} vs ours {val[0]:,}/{val[1]:,}): a Welch test across them compares nothing")
     per_seed = sub.get("seed_results") or {}
     vals = [float(v["val_bpb"]) for v in per_seed.values() if isinstance(v, dict) and v.get("val_bpb") is not None]
     src = f"record:{ref_dir.name if ref_dir.is_dir() else p}"
@@ -714,7 +722,7 @@ def build_submission(runs: list[Run], args) -> dict:
         ),
     )
     bpt = stats.bytes_per_token(s0["val_tokens"], s0["val_bytes"], loss[0], bpb[0])
-    ref = load_reference(args, bpt)
+    ref = load_reference(args, bpt, (s0["val_tokens"], s0["val_bytes"]))
     if ref is not None:
         sub.update(compute_comparison(ref, bpb, loss, bpt, args.threshold_nats))
     return sub

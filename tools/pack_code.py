@@ -203,9 +203,14 @@ def unpack_source(text: str) -> Optional[str]:
 
 
 def pack_file(src_path: Path, out_path: Path, codec: str = "auto", keep_docstrings: bool = False,
-              indent: int = 1, strip: bool = True) -> dict:
+              indent: int = 1, strip: bool = True, force: bool = True) -> dict:
     src_path, out_path = Path(src_path), Path(out_path)
-    original = src_path.read_text(encoding="utf-8")
+    try:
+        original = src_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PackError(f"{src_path} is not UTF-8 text (byte {e.start}): pack_code packs Python source") from None
+    if not force and out_path.exists():
+        raise PackError(f"{out_path} exists; pass --force to replace it (or choose another -o)")
     if unpack_source(original) is not None:
         raise PackError(f"{src_path} is already packed (use --unpack to get the source)")
     if src_path.resolve() == out_path.resolve():
@@ -294,6 +299,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("input", nargs="?", help="readable source (or packed file with --unpack)")
     p.add_argument("-o", "--output", help="packed output (default <input stem>.packed.py)")
     p.add_argument("--codec", choices=("auto", "lzma", "brotli"), default="auto")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--keep-docstrings", action="store_true", help="strip only comments")
     p.add_argument("--no-strip", action="store_true", help="compress the source as is")
     p.add_argument("--indent", type=int, default=1, help="spaces per indent level after stripping (default 1)")
@@ -310,7 +316,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     inp = Path(args.input)
     try:
         if args.unpack:
-            src = unpack_source(inp.read_text(encoding="utf-8"))
+            try:
+                src = unpack_source(inp.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                src = None
             if src is None:
                 raise PackError(f"{inp} is not a file packed by pack_code.py")
             if args.output:
@@ -326,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 tmpdir = tempfile.TemporaryDirectory(prefix="pack_code_")
                 packed = Path(args.output) if args.output else Path(tmpdir.name) / inp.name
                 info = pack_file(inp, packed, codec=args.codec, keep_docstrings=args.keep_docstrings,
-                                 indent=args.indent, strip=not args.no_strip)
+                                 indent=args.indent, strip=not args.no_strip, force=args.force or not args.output)
                 print(f"packed {info['original_bytes']:,} -> {info['packed_bytes']:,} bytes ({info['codec']})")
             try:
                 ok, report = verify(inp, packed, args.cmd, args.timeout)
@@ -338,7 +347,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0 if ok else 1
         out = Path(args.output) if args.output else inp.with_name(inp.stem + ".packed.py")
         info = pack_file(inp, out, codec=args.codec, keep_docstrings=args.keep_docstrings,
-                         indent=args.indent, strip=not args.no_strip)
+                         indent=args.indent, strip=not args.no_strip, force=args.force)
         print(f"{info['input']}: {info['original_bytes']:,} bytes -> stripped {info['stripped_bytes']:,} "
               f"-> packed {info['packed_bytes']:,} bytes ({info['codec']}) -> {info['output']}")
         return 0

@@ -209,6 +209,10 @@ def load_grid(path: str | os.PathLike) -> Grid:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise GridError(f"{path}: invalid TOML: {e}") from e
+    except FileNotFoundError:
+        raise GridError(f"{path}: no such grid file (the grids are experiments/*.toml)") from None
+    except OSError as e:
+        raise GridError(f"{path}: cannot read the grid file: {e.strerror or e}") from None
     return parse_grid(data, path)
 
 
@@ -867,7 +871,8 @@ def run_sweep(grid: Grid, out_dir: Path, *, only: Sequence[Row] | None = None,
                                               prefix=f"[{row.id}] ")
         except KeyboardInterrupt:
             rec.update(collect_row(run_dir, capture))
-            rec.update(status="interrupted", returncode=None, error="interrupted by user (Ctrl-C)")
+            rec.update(status="interrupted", returncode=None,
+                       error="interrupted (SIGTERM)" if isinstance(sys.exc_info()[1], Terminated) else "interrupted by user (Ctrl-C)")
             records[row.id] = rec
             assemble()
             write_reports(results, out_dir, quiet=not echo)
@@ -936,8 +941,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the sweep is: the running row is killed and recorded as interrupted, like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     try:
         grid = load_grid(args.grid)
         overrides = parse_set(args.set_)
@@ -955,9 +977,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GridError, SweepError) as e:
         print(f"[sweep] error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("[sweep] interrupted; partial results written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        print(f"[sweep] interrupted ({how}); partial results written; --resume reruns the interrupted row", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     ran = [r for r in results["rows"] if r["id"] in {x.id for x in rows}]
     bad = [r for r in ran if r.get("status") != "ok"]
     print(f"[sweep] {len(ran) - len(bad)}/{len(ran)} rows ok; results in {out_dir / 'results.md'}")
