@@ -160,12 +160,17 @@ FIELDS: list[Field] = [
         _f("GPTQ_RESERVE_SECONDS", float, 8.0, "seconds of the budget kept for GPTQ Hessian collection"),
         _f("WARMUP_STEPS", int, 20, "compile warmup steps, rolled back (state restored) and not counted"),
         _f("WARMDOWN_FRAC", float, 0.85, "final fraction of training with linear LR decay"),
+        _f("WARMDOWN_SHAPE", str, "linear", "LR decay over the warmdown: linear | cosine (0.5 (1 - cos(pi x)) of the linear x: PR #1125 row 40)", choices=("linear", "cosine")),
         _f("WARMDOWN_ITERS", int, 0, "if >0: warmdown over the last N steps, converted to time by the measured step time (PR #1125)"),
         _f("MIN_LR", float, 0.10, "LR floor as a fraction of the base LR"),
         _f("TRAIN_LOG_EVERY", int, 100, "log a train line every N steps"),
         _f("VAL_LOSS_EVERY", int, 0, "validate every N steps (timer paused); 0 = only at the end"),
         _f("EMA_ENABLED", bool, True, "exponential moving average of the weights, used for eval and quantization"),
         _f("EMA_DECAY", float, 0.9965, "EMA decay per step"),
+        _f("EMA_START_FRAC", float, 0.0, "the EMA starts (from the live weights) at this fraction of training; 0 = from step 0 (PR #1125 row 35: late-start EMA)"),
+        _f("SWA_ENABLED", bool, False, "stochastic weight averaging: the mean of the weights every SWA_EVERY steps once the LR multiplier is below SWA_START_LR replaces them at the end (PR #1125 row 8; exclusive with the EMA)"),
+        _f("SWA_EVERY", int, 50, "steps between SWA samples"),
+        _f("SWA_START_LR", float, 0.5, "SWA samples only while the LR multiplier is below this"),
     ]),
     *group("optimizer", [  # optimizer
         _f("MATRIX_LR", float, 0.026, "Muon LR for block matrices"),
@@ -533,6 +538,9 @@ class Config(ConfigValues):
             need(self.gptq_reserve_seconds < self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS must be < MAX_WALLCLOCK_SECONDS")
         need(0.0 <= self.warmdown_frac <= 1.0 and 0.0 <= self.min_lr <= 1.0, "WARMDOWN_FRAC and MIN_LR must be in [0, 1]")
         need(0.0 <= self.ema_decay < 1.0, "EMA_DECAY must be in [0, 1)")
+        need(0.0 <= self.ema_start_frac < 1.0, f"EMA_START_FRAC={self.ema_start_frac}: expected [0, 1)")
+        need(not (self.swa_enabled and self.ema_enabled), "SWA_ENABLED=1 and EMA_ENABLED=1 both replace the final weights: enable one")
+        need(self.swa_every >= 1, f"SWA_EVERY={self.swa_every}: expected >= 1")
         for name in ("MATRIX_BITS", "EMBED_BITS"):
             need(5 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: expected 5..8")
         need(self.eval_seq_len >= 2 and 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
@@ -1495,10 +1503,13 @@ def lr_multiplier(cfg: Config, frac: float, step: int, avg_step_ms: float, remai
         else:
             left = cfg.iterations - step
             mul = left / cfg.warmdown_iters if left < cfg.warmdown_iters else 1.0
-        return max(mul, cfg.min_lr)
-    if cfg.warmdown_frac <= 0 or frac < 1 - cfg.warmdown_frac:
+    elif cfg.warmdown_frac <= 0 or frac < 1 - cfg.warmdown_frac:
         return 1.0
-    return max((1 - frac) / cfg.warmdown_frac, cfg.min_lr)
+    else:
+        mul = (1 - frac) / cfg.warmdown_frac
+    if cfg.warmdown_shape == "cosine":
+        mul = 0.5 * (1 - math.cos(math.pi * min(max(mul, 0.0), 1.0)))
+    return max(mul, cfg.min_lr)
 
 
 class EMA:
@@ -1517,6 +1528,23 @@ class EMA:
     def copy_to(self, model: nn.Module):
         for p, s in zip(model.parameters(), self.shadow):
             p.copy_(s.to(p.dtype))
+
+    @torch.no_grad()
+    def restart(self):  # late start: the shadow begins at the live weights
+        torch._foreach_copy_(self.shadow, [p.detach().float() for p in self.params])
+
+
+class SWA(EMA):
+    """Stochastic weight averaging: the running mean of the weights at the sampled steps (fp32)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, 0.0)
+        self.samples = 0
+
+    @torch.no_grad()
+    def update(self):
+        self.samples += 1
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 / self.samples)
 
 # ----------------------------------------------------------------------------------------------
 # TRAINING LOOP: compile warmup (rolled back), wallclock-driven LR schedule, EMA, lagged all-reduced
@@ -1583,6 +1611,8 @@ class Trainer:
             self.fwd = DDP(self.fwd, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False, gradient_as_bucket_view=True)
         self.opts = Optimizers(model, cfg, rank, world, ns_fn)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
+        self.ema_live = False  # EMA_START_FRAC: the shadow restarts from the weights when training reaches it
+        self.swa = SWA(model) if cfg.swa_enabled else None
         self.loader = self.new_loader()
 
     def new_loader(self):
@@ -1604,7 +1634,13 @@ class Trainer:
         self.opts.step(lr_mul, step, progress)
         self.opts.zero_grad()
         if self.ema is not None:
-            self.ema.update()
+            if self.cfg.ema_start_frac <= 0:
+                self.ema.update()
+            elif progress >= self.cfg.ema_start_frac:
+                self.ema.update() if self.ema_live else self.ema.restart()
+                self.ema_live = True
+        if self.swa is not None and lr_mul < self.cfg.swa_start_lr and step % self.cfg.swa_every == 0:
+            self.swa.update()
         return total / self.accum
 
     def warmup(self):
@@ -1626,7 +1662,9 @@ class Trainer:
         self.opts.load_state_dict(opt_state)
         self.model.looping_active = False
         if self.ema is not None:
-            self.ema = EMA(self.model, cfg.ema_decay)
+            self.ema, self.ema_live = EMA(self.model, cfg.ema_decay), False
+        if self.swa is not None:
+            self.swa = SWA(self.model)
         self.loader.close()
         self.loader = self.new_loader()
         self.log("warmup", steps=cfg.warmup_steps, loop_modes=len(modes), steps_run=cfg.warmup_steps * len(modes),
@@ -2947,6 +2985,9 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     # EMA weights replace the live ones; SHD rows are baked before the Hessians see the model.
     if trainer.ema is not None:
         trainer.ema.copy_to(model)
+    if trainer.swa is not None and trainer.swa.samples:
+        trainer.swa.copy_to(model)
+        log("swa", samples=trainer.swa.samples)
     bake_shared_heads(model)
     t0 = time.perf_counter()
     hessians = {}

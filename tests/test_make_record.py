@@ -593,3 +593,12 @@ def test_reference_record_on_another_validation_set_is_refused(tmp_path, three_r
     assert rc != 0
     err = capsys.readouterr().err
     assert "scored another validation set or tokenizer" in err and f"{VAL_TOKENS:,}" in err
+
+
+@pytest.mark.parametrize("over,why", [(dict(world_size=1), "world_size 1"), (dict(device="cpu", cuda_version=None), "not CUDA"),
+                                      (dict(max_wallclock_seconds=900.0), "MAX_WALLCLOCK_SECONDS 900.0")])
+def test_record_track_needs_8_cuda_gpus_and_the_600s_budget(tmp_path, over, why):
+    d = make_run(tmp_path, 1, **over)
+    with pytest.raises(mr.RecordError, match=f"not a record-track run: .*{why}.*--track non_record_16mb"):
+        mr.load_run(d, "10min_16mb")
+    mr.load_run(d, "non_record_16mb")

@@ -141,7 +141,7 @@ def test_triton_jit_kernel_in_packed_code(tmp_path):
     assert "jit JITFunction True" in packed_run_matches(FIX / "pack_fixture_triton.py", tmp_path)
 
 
-def test_verify_passes_on_deterministic_smoke(tmp_path):
+def test_verify_passes_on_deterministic_smoke(tmp_path, capsys):
     src = FIX / "fake_smoke.py"
     packed = tmp_path / "fake_smoke.py"
     pack_code.pack_file(src, packed)
@@ -149,6 +149,8 @@ def test_verify_passes_on_deterministic_smoke(tmp_path):
     assert ok, "\n".join(report)
     rc = pack_code.main(["--verify", str(src)])
     assert rc == 0
+    err = capsys.readouterr().err  # progress while the two smoke runs go
+    assert "[verify] smoke run with the original file" in err and "[verify] packed: exit 0 after" in err
 
 
 def test_verify_fails_when_artifacts_differ(tmp_path):

@@ -5,6 +5,7 @@ Each: the math against a plain reference, and the switch off = today's behaviour
 from __future__ import annotations
 
 import lzma
+import math
 
 import pytest
 import torch
@@ -176,3 +177,59 @@ def test_fp16_tensors_pass_through_unquantized():
     assert plan("blocks.2.attn.c_k.weight", sd["blocks.2.attn.c_k.weight"]) == base("blocks.2.attn.c_k.weight", sd["blocks.2.attn.c_k.weight"])
     with pytest.raises(tg.ConfigError, match="FP16_TENSORS: 'blocks.9.attn.c_k.weight' is not a parameter"):
         tg.quant_plan(make_cfg(NUM_LAYERS=4, FP16_TENSORS="blocks.9.attn.c_k.weight"), tg.param_roles(m))
+
+
+def test_cosine_warmdown_shape():
+    """PR #1125 row 40: the same warmdown span, LR = 0.5 (1 - cos(pi x)) of the linear x; floored at MIN_LR."""
+    lin, cos = make_cfg(WARMDOWN_FRAC=0.5, MIN_LR=0.0), make_cfg(WARMDOWN_FRAC=0.5, MIN_LR=0.0, WARMDOWN_SHAPE="cosine")
+    for frac in (0.2, 0.5, 0.6, 0.75, 0.9, 1.0):
+        x = tg.lr_multiplier(lin, frac, 0, 0.0, 0.0)
+        assert tg.lr_multiplier(cos, frac, 0, 0.0, 0.0) == pytest.approx(0.5 * (1 - math.cos(math.pi * x)))
+    assert tg.lr_multiplier(cos, 0.75, 0, 0.0, 0.0) == pytest.approx(0.5)  # halfway, as linear
+    assert tg.lr_multiplier(cos, 0.6, 0, 0.0, 0.0) > tg.lr_multiplier(lin, 0.6, 0, 0.0, 0.0)  # stays high longer
+
+
+def _trainer(tmp_path, **kw):
+    cfg = make_cfg(ITERATIONS=12, WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, TRAIN_LOG_EVERY=100, GRAD_ACCUM_STEPS=1, **kw)
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", torch.arange(6000).numpy() % 60 + 2)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, BOS)
+    return tg.Trainer(cfg, model, torch.device("cpu"), 0, 1, [str(tmp_path / "fineweb_train_000000.bin")], tg.Logger(None, 0))
+
+
+def test_swa_is_the_mean_of_the_sampled_weights(tmp_path):
+    """PR #1125 row 8: every SWA_EVERY steps while the LR multiplier is below SWA_START_LR, the weights join a running mean."""
+    tr = _trainer(tmp_path, SWA_ENABLED=1, SWA_EVERY=2, SWA_START_LR=0.5, EMA_ENABLED=0, WARMDOWN_FRAC=1.0)
+    samples, seen = [], []
+    orig = tr.swa.update
+
+    def record():
+        samples.append([p.detach().clone() for p in tr.model.parameters()])
+        orig()
+    tr.swa.update = record
+    for step in range(12):
+        lr_mul = tg.lr_multiplier(tr.cfg, step / 12, step, 0.0, 0.0)
+        tr.step(step, lr_mul, step / 12)
+        seen.append((step, lr_mul))
+    want = [s for s, m in seen if m < 0.5 and s % 2 == 0]
+    assert len(samples) == len(want) == tr.swa.samples > 1
+    mean = [torch.stack(ps).mean(0) for ps in zip(*samples)]
+    for a, b in zip(tr.swa.shadow, mean):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(tg.ConfigError, match="SWA_ENABLED=1 and EMA_ENABLED=1"):
+        make_cfg(SWA_ENABLED=1, EMA_ENABLED=1)
+
+
+def test_late_start_ema_restarts_from_the_weights(tmp_path):
+    """PR #1125 row 35: before EMA_START_FRAC the shadow is not updated; at it, it restarts from the live weights."""
+    tr = _trainer(tmp_path, EMA_ENABLED=1, EMA_DECAY=0.9, EMA_START_FRAC=0.5)
+    init = [s.clone() for s in tr.ema.shadow]
+    for step in range(6):  # progress < 0.5: untouched
+        tr.step(step, 1.0, step / 12)
+    assert all(torch.equal(a, b) for a, b in zip(tr.ema.shadow, init))
+    tr.step(6, 1.0, 0.5)  # restart: shadow = weights after this step
+    assert all(torch.equal(s, p.detach().float()) for s, p in zip(tr.ema.shadow, tr.model.parameters()))
+    before = [s.clone() for s in tr.ema.shadow]
+    tr.step(7, 1.0, 7 / 12)  # then the usual lerp
+    for s, b, p in zip(tr.ema.shadow, before, tr.model.parameters()):
+        torch.testing.assert_close(s, 0.9 * b + 0.1 * p.detach().float())

@@ -39,6 +39,9 @@ Refusals (exit status 1, nothing written)
 * two run dirs have the same seed (or summary seed != config SEED);
 * the log disagrees with the summary (final/prequant/roundtrip/sliding/ttt metrics, bytes,
   steps, train time), or the final metric does not equal the metric it names;
+* 10min_16mb track only: the run is not world_size 8 on CUDA with MAX_WALLCLOCK_SECONDS=600, or it
+  scored a truncated validation set (valid_score false: VAL_MAX_TOKENS > 0);
+* --ref-record scored another validation set or tokenizer (val_tokens / val_bytes differ);
 * the destination exists and --force was not given.
 
 submission.json schema (schema_version 1)
@@ -230,6 +233,13 @@ def load_run(run_dir: Path, track: str) -> Run:
     if track == "10min_16mb" and s.get("valid_score") is False:
         errs.append(f"{where}: valid_score is false (VAL_MAX_TOKENS={s['config'].get('VAL_MAX_TOKENS')} truncated the validation "
                     f"set): rerun with VAL_MAX_TOKENS=0, or submit with --track non_record_16mb")
+    if track == "10min_16mb":  # the record track is 8 GPUs, CUDA, a 600 s training budget
+        why = [w for w, bad in ((f"world_size {s['world_size']} (not 8)", s["world_size"] != 8),
+                                (f"device {s['device']!r} (not CUDA)", s.get("cuda_version") is None or s["device"] == "cpu"),
+                                (f"MAX_WALLCLOCK_SECONDS {s.get('max_wallclock_seconds')} (not 600)",
+                                 float(s.get("max_wallclock_seconds") or 0) != TIME_LIMIT)) if bad]
+        if why:
+            errs.append(f"{where}: not a record-track run: {', '.join(why)}; submit with --track non_record_16mb")
     # size
     if s["bytes_total"] > SIZE_LIMIT:
         errs.append(f"{where}: bytes_total {s['bytes_total']:,} > {SIZE_LIMIT:,} (artifact over the 16 MB cap)")

@@ -54,6 +54,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -245,8 +246,9 @@ def run_smoke(cmd_template: str, file: Path, run_dir: Path, cwd: Path, timeout: 
 
 
 def verify(original: Path, packed: Path, cmd_template: str = DEFAULT_VERIFY_CMD,
-           timeout: float = 1800, workdir: Optional[Path] = None) -> tuple[bool, list[str]]:
-    """Run the smoke command with both files; returns (passed, report lines)."""
+           timeout: float = 1800, workdir: Optional[Path] = None, progress=None) -> tuple[bool, list[str]]:
+    """Run the smoke command with both files; returns (passed, report lines). `progress(line)` hears each step."""
+    progress = progress or (lambda line: None)
     original, packed = Path(original).resolve(), Path(packed).resolve()
     cwd = original.parent
     report = []
@@ -257,11 +259,14 @@ def verify(original: Path, packed: Path, cmd_template: str = DEFAULT_VERIFY_CMD,
         # the artifact); each run's folder is moved aside afterwards.
         run_path = Path(tmp) / "run"
         for label, f in (("original", original), ("packed", packed)):
+            progress(f"[verify] smoke run with the {label} file ({f}) ...")
+            t0 = time.time()
             try:
                 proc = run_smoke(cmd_template, f, run_path, cwd, timeout)
             except subprocess.TimeoutExpired:
                 report.append(f"{label}: timed out after {timeout:.0f} s")
                 return False, report
+            progress(f"[verify] {label}: exit {proc.returncode} after {time.time() - t0:.0f} s")
             rd = Path(tmp) / label
             if run_path.exists():
                 os.rename(run_path, rd)
@@ -338,7 +343,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  indent=args.indent, strip=not args.no_strip, force=args.force or not args.output)
                 print(f"packed {info['original_bytes']:,} -> {info['packed_bytes']:,} bytes ({info['codec']})")
             try:
-                ok, report = verify(inp, packed, args.cmd, args.timeout)
+                ok, report = verify(inp, packed, args.cmd, args.timeout,
+                                    progress=lambda line: print(line, file=sys.stderr, flush=True))
             finally:
                 if tmpdir is not None:
                     tmpdir.cleanup()
