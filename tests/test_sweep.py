@@ -73,8 +73,10 @@ def test_seed003_rows_are_cumulative():
     grid = sweep.load_grid(EXPERIMENTS / "seed003_pr1125.toml")
     ids = [r.id for r in grid.rows]
     nums = {int(i.split("-")[0]) for i in ids if i[:2].isdigit()}
-    # rows 1-31 minus the three that need missing features (8 SWA, 30 TurboQuant, 31 int8 clip percentile)
-    assert nums == set(range(0, 30)) - {8}
+    # rows 0-29 (30 TurboQuant and 31 int8 clip percentile need missing features), plus the 60-min rows
+    # 35 (late-start EMA) and 40 (cosine warmdown)
+    assert nums == set(range(0, 30)) | {35, 40}
+    assert grid.row("08-swa").env["SWA_ENABLED"] == "1" and grid.row("40-cosine-warmdown").env["WARMDOWN_SHAPE"] == "cosine"
     r25 = grid.row("25-qk4").env
     assert r25["QK_GAIN_INIT"] == "4.0" and r25["MUON_WD"] == "0.06" and r25["WARMDOWN_ITERS"] == "200"
     assert r25["XSA_LAST_N"] == "9" and r25["TRAIN_SEQ_LEN"] == "2048" and r25["LOGIT_SOFTCAP"] == "20"
