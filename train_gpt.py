@@ -1636,9 +1636,11 @@ class Trainer:
         if self.ema is not None:
             if self.cfg.ema_start_frac <= 0:
                 self.ema.update()
-            elif progress >= self.cfg.ema_start_frac:
-                self.ema.update() if self.ema_live else self.ema.restart()
+            elif not self.ema_live and progress >= self.cfg.ema_start_frac:
+                self.ema.restart()
                 self.ema_live = True
+            elif self.ema_live:
+                self.ema.update()
         if self.swa is not None and lr_mul < self.cfg.swa_start_lr and step % self.cfg.swa_every == 0:
             self.swa.update()
         return total / self.accum

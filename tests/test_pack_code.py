@@ -182,6 +182,11 @@ def test_existing_output_binary_input_and_missing_grid_are_one_line_errors(tmp_p
     assert pack_code.main([str(src), "-o", str(out)]) == 1
     assert "exists; pass --force" in capsys.readouterr().err and out.read_text() == "earlier result\n"
     assert pack_code.main([str(src), "-o", str(out), "--force"]) == 0 and pack_code.unpack_source(out.read_text()) is not None
+    keep = tmp_path / "keep.py"  # --unpack -o follows the same rule
+    keep.write_text("earlier result\n", encoding="utf-8")
+    assert pack_code.main(["--unpack", str(out), "-o", str(keep)]) == 1 and keep.read_text() == "earlier result\n"
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert pack_code.main(["--unpack", str(out), "-o", str(keep), "--force"]) == 0 and keep.read_text() == "x = 1\n"
     binary = tmp_path / "b.py"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     assert pack_code.main([str(binary), "-o", str(tmp_path / "b.out")]) == 1

@@ -328,6 +328,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if src is None:
                 raise PackError(f"{inp} is not a file packed by pack_code.py")
             if args.output:
+                if not args.force and Path(args.output).exists():  # the same rule as packing
+                    raise PackError(f"{args.output} exists; pass --force to replace it (or choose another -o)")
                 atomic_write_text(Path(args.output), src)
             else:
                 sys.stdout.write(src)

@@ -869,10 +869,10 @@ def run_sweep(grid: Grid, out_dir: Path, *, only: Sequence[Row] | None = None,
         try:
             rc, timed_out, secs = run_command(argv, env, cwd, capture, timeout=timeout, echo=echo,
                                               prefix=f"[{row.id}] ")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             rec.update(collect_row(run_dir, capture))
             rec.update(status="interrupted", returncode=None,
-                       error="interrupted (SIGTERM)" if isinstance(sys.exc_info()[1], Terminated) else "interrupted by user (Ctrl-C)")
+                       error="interrupted (SIGTERM)" if isinstance(e, Terminated) else "interrupted by user (Ctrl-C)")
             records[row.id] = rec
             assemble()
             write_reports(results, out_dir, quiet=not echo)
