@@ -2685,7 +2685,7 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
                     log: Logger | None = None, fwd=None, keep_nll: bool = False, budget_s: float = 0.0) -> dict:
     """TTT_MODE=phased. Returns val_loss, val_bpb, documents, batches, phase stats (and the per-target NLL with keep_nll)."""
     t_start = time.perf_counter()
-    fwd = fwd or model
+    fwd = model if fwd is None else fwd  # never `fwd or model`: bool() of a compiled module raises
     tokens = tokens.cpu()
     tokens_dev = tokens.to(device)
     docs = ttt_documents(tokens, model.bos_id)
@@ -2756,6 +2756,16 @@ class _WarmBytes:
     @staticmethod
     def bytes(prev, tgt, pos=None):
         return torch.ones_like(tgt)
+
+
+def compile_ttt(model: GPT, backend="inductor"):
+    """The phased TTT forward, compiled once for every (rows, window length) it meets: dynamic shapes, and no duck
+    sizing. With duck sizing dynamo gives equal sizes one symbol: the first 64-token window and the 64 LoRA slots
+    became one, and the next window length recompiled the 17-layer forward+backward for minutes (BENCHMARKS.md,
+    "Phased TTT"). The setting is process-wide; the other compiled graphs of the eval are static."""
+    import torch.fx.experimental._config as fx_config
+    fx_config.use_duck_shape = False
+    return torch.compile(model, dynamic=True, backend=backend)
 
 
 def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
@@ -2867,7 +2877,7 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     warm_s = warm_compiled(fwd if use_compile else None, model, device, cfg.eval_batch_seqs)
     ttt_fwd = None
     if cfg.ttt_enabled and cfg.ttt_mode == "phased":  # the phased forward sees a new window length every chunk step
-        ttt_fwd = torch.compile(model, dynamic=True) if use_compile and cfg.ttt_compile else model
+        ttt_fwd = compile_ttt(model) if use_compile and cfg.ttt_compile else model
         ttt_warm_s = warm_ttt(ttt_fwd, model, cfg, device)
         log("ttt_warmup", seconds=ttt_warm_s, compiled=ttt_fwd is not model, note="random_tokens_no_val_data_outside_the_eval_timer")
         warm_s += ttt_warm_s

@@ -247,3 +247,43 @@ def test_end_to_end_phased_and_world_size(tmp_path):
                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert b2.returncode == 0, b2.stderr[-2000:]
     assert json.loads((tmp_path / "b2" / "bench_ttt.json").read_text())["projection"]["sp8192"] == pj["sp8192"]
+
+
+@pytest.mark.parametrize("duck_shape", [False, True])
+def test_compiled_ttt_forward_does_not_recompile_after_warmup(setup, duck_shape):
+    """After warm_ttt, the phased pass meets new row counts and window lengths and must not compile again (on the GPU a
+    recompile of the 17-layer forward+backward costs minutes inside the eval timer). A counting backend on the CPU sees
+    the same dynamo guards. With 64 LoRA slots the first window is 64 tokens: under duck sizing (the old compile) the
+    two sizes share one symbol and the second window length recompiles; compile_ttt turns that off."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+    cfg, sd, luts, val = setup
+    cfg = cfg.replace(ttt_docs_per_batch=64, ttt_eval_seq_len=128, phased_ttt_num_phases=0)
+    model = tg.GPT(cfg)
+    model.load_state_dict(sd)
+    model.looping_active = True
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    old = fx_config.use_duck_shape
+    try:
+        if duck_shape:  # the pre-fix compile: what the recompile looked like
+            fx_config.use_duck_shape = True
+            fwd = torch.compile(model, dynamic=True, backend=counting)
+        else:
+            fwd = tg.compile_ttt(model, backend=counting)
+        tg.warm_ttt(fwd, model, cfg, CPU)
+        warm_graphs = len(graphs)
+        tg.eval_ttt_phased(model, val, cfg, luts, CPU, 0, 1, fwd=fwd)
+    finally:
+        fx_config.use_duck_shape = old
+        torch._dynamo.reset()
+    if duck_shape:  # as on the H200: the warmup's second window length already recompiled
+        assert len(graphs) > 1, "the duck-sized compile should recompile (else this test no longer shows the bug)"
+    else:
+        assert warm_graphs == 1, f"the warmup compiled {warm_graphs} graphs (one dynamic graph expected)"
+        assert len(graphs) == 1, f"the phased pass compiled {len(graphs) - warm_graphs} new graph(s) after the warmup"
