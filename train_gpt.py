@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import collections
 import copy
 import dataclasses
 import difflib
+import functools
 import gc
 import glob
 import hashlib
@@ -152,7 +154,9 @@ FIELDS: list[Field] = [
         _f("EVAL_DOC_ATTENTION", str, "auto", "eval/TTT windows: auto (as DOC_ATTENTION) | on (attention never crosses a BOS inside a window) | off (plain causal windows, as the records' sliding eval)", choices=("auto", "on", "off")),
     ]),
     *group("training", [  # training: batch, schedule, EMA
-        _f("TRAIN_SEQ_LEN", int, 2048, "training sequence length"),
+        _f("TRAIN_SEQ_LEN", int, 2048, "training sequence length (with TRAIN_SEQ_SCHEDULE it still sets the WINDOW_SHORT default)"),
+        _f("TRAIN_SEQ_SCHEDULE", str, "", "progressive context (PR #2014): LEN@FRAC,... = train at LEN from training fraction FRAC on (the LR schedule's progress: wallclock with MAX_WALLCLOCK_SECONDS>0), e.g. 1024@0,2048@0.1,3072@0.7; first FRAC 0, increasing, LEN multiples of 64; tokens per step stay TRAIN_BATCH_TOKENS; '' = TRAIN_SEQ_LEN throughout"),
+        _f("SEQ_CHANGE_WARMUP_STEPS", int, 0, "TRAIN_SEQ_SCHEDULE: after each length change the LR multiplier ramps linearly from 1/N back to 1 over N steps; 0 = off"),
         _f("TRAIN_BATCH_TOKENS", int, 786432, "global tokens per optimizer step"),
         _f("GRAD_ACCUM_STEPS", int, 0, "micro-steps per optimizer step; 0 = 8 // WORLD_SIZE (at least 1)"),
         _f("ITERATIONS", int, 20000, "max optimizer steps (upper bound; the wallclock usually stops first)"),
@@ -236,6 +240,7 @@ FIELDS: list[Field] = [
         _f("TTT_WARM_START_A", bool, True, "phased: keep each document slot's A across batches (B and the AdamW state reset per batch); A is re-drawn after each global phase"),
         _f("TTT_DOCS_PER_BATCH", int, 64, "phased: documents adapted together (each with its own LoRA slice)", aliases=("TTT_BATCH_SIZE",)),
         _f("TTT_CHUNK_SIZE", int, 48, "phased: targets scored per step of a document before its LoRA trains on them"),
+        _f("TTT_CHUNK_SCHEDULE", str, "", "phased, short-document chunks (PR #2014): MAXLEN:CHUNK,... = documents of at most MAXLEN tokens (BOS included) use chunk size CHUNK, longer ones TTT_CHUNK_SIZE, e.g. 256:8,2000:24; MAXLEN increasing; '' = TTT_CHUNK_SIZE for all"),
         _f("TTT_EVAL_SEQ_LEN", int, 2048, "phased: causal window (within the document) ending at each chunk"),
         _f("TTT_GRAD_STEPS", int, 1, "phased: LoRA optimizer steps per scored chunk"),
         _f("PHASED_TTT_PREFIX_DOCS", int, 2500, "phased: the first N documents (longest first) feed the global SGD phases"),
@@ -315,6 +320,24 @@ def _parse(field: Field, raw: str, source: str):
         return raw
     except ValueError:
         raise ConfigError(f"{source}={raw!r}: expected {field.type.__name__}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def parse_seq_schedule(spec: str) -> tuple[tuple[int, float], ...]:
+    """TRAIN_SEQ_SCHEDULE "LEN@FRAC,..." -> ((seq_len, start fraction), ...); the format only (_validate checks the values)."""
+    try:
+        return tuple((int(a), float(b)) for a, b in (e.split("@") for e in spec.replace(" ", "").split(",")))
+    except ValueError:
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE={spec!r}: expected LEN@FRAC,... (e.g. 1024@0,2048@0.1,3072@0.7)") from None
+
+
+@functools.lru_cache(maxsize=64)
+def parse_chunk_schedule(spec: str) -> tuple[tuple[int, int], ...]:
+    """TTT_CHUNK_SCHEDULE "MAXLEN:CHUNK,..." -> ((max document length, chunk size), ...); the format only."""
+    try:
+        return tuple((int(a), int(b)) for a, b in (e.split(":") for e in spec.replace(" ", "").split(",")))
+    except ValueError:
+        raise ConfigError(f"TTT_CHUNK_SCHEDULE={spec!r}: expected MAXLEN:CHUNK,... (e.g. 256:8,2000:24)") from None
 
 
 # One typed, frozen attribute per Field (the lower-cased env name): a misspelt read or any write fails loudly.
@@ -441,6 +464,42 @@ class Config(ConfigValues):
     def window_short_tokens(self) -> int:
         return self.window_short or max(1, self.train_seq_len // 2)
 
+    def train_seq_phases(self) -> tuple[tuple[int, float], ...]:
+        """((seq_len, start fraction), ...) of training: TRAIN_SEQ_SCHEDULE, or TRAIN_SEQ_LEN from 0."""
+        return parse_seq_schedule(self.train_seq_schedule) if self.train_seq_schedule.strip() else ((self.train_seq_len, 0.0),)
+
+    def train_seq_len_at(self, frac: float) -> int:
+        return [L for L, start in self.train_seq_phases() if start <= frac][-1]
+
+    @property
+    def max_train_seq_len(self) -> int:
+        return max(L for L, _ in self.train_seq_phases())
+
+    @property
+    def rope_table_len(self) -> int:  # every position training, eval and TTT can reach: the RoPE tables are built once
+        return max(self.max_train_seq_len, self.train_seq_len, self.eval_seq_len, self.ttt_eval_seq_len)
+
+    def ttt_chunk_for(self, doc_tokens: int) -> int:
+        """Phased TTT chunk size of a document of `doc_tokens` tokens (its BOS included = its scored targets)."""
+        if self.ttt_chunk_schedule.strip():
+            for max_len, chunk in parse_chunk_schedule(self.ttt_chunk_schedule):
+                if doc_tokens <= max_len:
+                    return chunk
+        return self.ttt_chunk_size
+
+    def ttt_chunk_sizes(self) -> list[int]:
+        """Every chunk size the phased TTT uses (the default last)."""
+        sched = parse_chunk_schedule(self.ttt_chunk_schedule) if self.ttt_chunk_schedule.strip() else ()
+        return list(dict.fromkeys([c for _, c in sched] + [self.ttt_chunk_size]))
+
+    def batch_split_error(self, world: int, accum: int) -> str | None:
+        """Why TRAIN_BATCH_TOKENS cannot be cut into equal rows on every rank for every training length, or None."""
+        for L in dict.fromkeys(L for L, _ in self.train_seq_phases()):
+            if self.train_batch_tokens % (world * accum * L):
+                what = f"the TRAIN_SEQ_SCHEDULE length {L}" if self.train_seq_schedule.strip() else "TRAIN_SEQ_LEN"
+                return f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS*{what}={world * accum * L}"
+        return None
+
     @property
     def eval_doc_attention_on(self) -> bool:
         return self.doc_attention if self.eval_doc_attention == "auto" else self.eval_doc_attention == "on"
@@ -530,8 +589,21 @@ class Config(ConfigValues):
             need(0.0 <= self.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT must be in [0, 1]")
         need(self.num_loops >= 0, f"NUM_LOOPS={self.num_loops}: expected >= 0")
         need(0 <= self.parallel_start_layer < max(self.num_layers, 1) or self.parallel_start_layer == 0, f"PARALLEL_START_LAYER={self.parallel_start_layer}: expected 0 (off) or a layer index < NUM_LAYERS")
-        need(self.train_seq_len >= 2 and self.train_batch_tokens >= self.train_seq_len, "TRAIN_BATCH_TOKENS must be >= TRAIN_SEQ_LEN >= 2")
-        need(self.train_batch_tokens % self.train_seq_len == 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN must be >= 2")
+        if not self.train_seq_schedule.strip():  # with a schedule its lengths are the rows (checked below)
+            need(self.train_batch_tokens >= self.train_seq_len, "TRAIN_BATCH_TOKENS must be >= TRAIN_SEQ_LEN >= 2")
+            need(self.train_batch_tokens % self.train_seq_len == 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.train_seq_schedule.strip():
+            sched, spec = parse_seq_schedule(self.train_seq_schedule), f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}"
+            lens, starts = [L for L, _ in sched], [f for _, f in sched]
+            # whole 64-token tiles: the flash / FlexAttention kernels work in 64/128-token blocks
+            need(all(L >= 64 and L % 64 == 0 for L in lens), f"{spec}: lengths must be positive multiples of 64")
+            need(starts[0] == 0.0, f"{spec}: the first length must start at fraction 0")
+            need(all(a < b for a, b in zip(starts, starts[1:])) and starts[-1] < 1.0, f"{spec}: start fractions must increase, from 0 to below 1")
+            need(all(a != b for a, b in zip(lens, lens[1:])), f"{spec}: consecutive phases with the same length")
+            bad = [L for L in lens if self.train_batch_tokens % L]
+            need(not bad, f"{spec}: TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of every length (not of {bad})")
+        need(self.seq_change_warmup_steps >= 0, f"SEQ_CHANGE_WARMUP_STEPS={self.seq_change_warmup_steps}: expected >= 0")
         need(self.iterations >= 1, "ITERATIONS must be >= 1")
         need(self.max_wallclock_seconds >= 0 and self.gptq_reserve_seconds >= 0, "MAX_WALLCLOCK_SECONDS and GPTQ_RESERVE_SECONDS must be >= 0")
         if self.max_wallclock_seconds > 0:
@@ -552,6 +624,11 @@ class Config(ConfigValues):
         for name in ("TTT_CHUNK_TOKENS", "TTT_LORA_RANK", "TTT_DOCS_PER_BATCH", "TTT_CHUNK_SIZE", "TTT_GRAD_STEPS", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "TTT_EPOCHS"):
             need(getattr(self, name.lower()) >= 1, f"{name}={getattr(self, name.lower())}: expected >= 1")
         need(self.ttt_eval_seq_len >= self.ttt_chunk_size, f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be >= TTT_CHUNK_SIZE={self.ttt_chunk_size} (a window holds its chunk)")
+        if self.ttt_chunk_schedule.strip():
+            sched, spec = parse_chunk_schedule(self.ttt_chunk_schedule), f"TTT_CHUNK_SCHEDULE={self.ttt_chunk_schedule!r}"
+            need(all(m >= 1 for m, _ in sched) and all(a < b for (a, _), (b, _) in zip(sched, sched[1:])), f"{spec}: MAXLEN values must be >= 1 and increase")
+            need(all(1 <= c <= self.ttt_eval_seq_len for _, c in sched), f"{spec}: chunk sizes must be in 1..TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a window holds its chunk)")
+            need(self.ttt_mode == "phased", f"{spec} applies to TTT_MODE=phased only (TTT_MODE={self.ttt_mode})")
         need(self.phased_ttt_num_phases >= 0 and self.phased_ttt_prefix_docs >= 0 and self.global_ttt_epochs >= 0,
              "PHASED_TTT_NUM_PHASES, PHASED_TTT_PREFIX_DOCS and GLOBAL_TTT_EPOCHS must be >= 0")
         need(0.0 <= self.ttt_beta1 < 1.0 and 0.0 <= self.ttt_beta2 < 1.0, f"TTT_BETA1={self.ttt_beta1}, TTT_BETA2={self.ttt_beta2}: expected values in [0, 1)")
@@ -715,14 +792,16 @@ class DistributedLoader:
     """Each micro-step: one contiguous global chunk of world*(local+1) tokens; rank r gets the r-th span.
     A background thread prepares pinned batches ahead so the GPU never waits on numpy. next() returns
     (x, y, cu_seqlens): with `doc=(bos_id, max_len)` (DOC_ATTENTION) x and y are ONE packed row [1, local]
-    and cu_seqlens its document segments (doc_cu_seqlens); otherwise rows [local/seq_len, seq_len] and None."""
+    and cu_seqlens its document segments (doc_cu_seqlens); otherwise rows [local/seq_len, seq_len] and None.
+    set_seq_len (TRAIN_SEQ_SCHEDULE) changes the rows (and the document cut length) from the next batch on; the
+    token stream is the same whatever the lengths."""
 
     def __init__(self, files, rank, world, local_tokens, seq_len, device, prefetch=2, reverse=False, doc: tuple | None = None,
                  vocab_size: int = 0):
         assert local_tokens % seq_len == 0
         self.stream = TokenStream(files, reverse=reverse, vocab_size=vocab_size)
-        self.rank, self.world, self.local, self.seq_len, self.device = rank, world, local_tokens, seq_len, device
-        self.doc = doc
+        self.rank, self.world, self.local, self.device = rank, world, local_tokens, device
+        self.layout = (seq_len, doc)  # one attribute: the thread reads both in a single load
         self.pin = device.type == "cuda"
         self.q: queue.Queue | None = None
         if prefetch > 0:
@@ -731,17 +810,35 @@ class DistributedLoader:
             self.thread = threading.Thread(target=self._work, daemon=True)
             self.thread.start()
 
+    @property
+    def seq_len(self) -> int:
+        return self.layout[0]
+
+    @property
+    def doc(self) -> tuple | None:
+        return self.layout[1]
+
+    def set_seq_len(self, seq_len: int):
+        assert self.local % seq_len == 0
+        self.layout = (seq_len, (self.doc[0], seq_len) if self.doc else None)
+
+    def _rows(self, x, y, layout, chunk=None):
+        seq_len, doc = layout
+        row = self.local if doc else seq_len
+        x, y = x.reshape(-1, row), y.reshape(-1, row)
+        cu = torch.from_numpy(doc_cu_seqlens((chunk if chunk is not None else x.numpy()).reshape(1, -1), *doc)) if doc else None
+        return x, y, cu
+
     def _make(self):
+        layout = self.layout
         span = self.local + 1
         chunk = self.stream.take(self.world * span)[self.rank * span:(self.rank + 1) * span]
         t = torch.from_numpy(chunk.astype(np.int64))
-        row = self.local if self.doc else self.seq_len
-        x, y = t[:-1].view(-1, row), t[1:].view(-1, row)
-        cu = torch.from_numpy(doc_cu_seqlens(chunk[None, :-1], *self.doc)) if self.doc else None
+        x, y, cu = self._rows(t[:-1], t[1:], layout, chunk[:-1])
         if self.pin:
             x, y = x.pin_memory(), y.pin_memory()
             cu = cu.pin_memory() if cu is not None else None
-        return x, y, cu
+        return x, y, cu, layout
 
     def _work(self):
         while not self._stop:
@@ -761,6 +858,9 @@ class DistributedLoader:
         if isinstance(item, Exception):
             self._stop = True
             raise item
+        *item, layout = item
+        if layout != self.layout:  # prepared before set_seq_len: the same tokens, cut for the new length
+            item = self._rows(item[0], item[1], self.layout)
         return tuple(t.to(self.device, non_blocking=True) if t is not None else None for t in item)
 
     def close(self):
@@ -1020,7 +1120,7 @@ class Attention(nn.Module):
         else:  # fixed: rebuilt from the config, not stored
             self.register_buffer("q_gain", torch.full((H,), cfg.qk_gain_init), persistent=False)
         declare(self, q_gain="scalar/control", attn_gate_bias="scalar/control", attn_out_gate_w="scalar/gate", attn_gate_w="scalar/gate")
-        self.rotary = Rotary(cfg.rope_dims or D, cfg.rope_base, max(cfg.train_seq_len, cfg.eval_seq_len, cfg.ttt_eval_seq_len))
+        self.rotary = Rotary(cfg.rope_dims or D, cfg.rope_base, cfg.rope_table_len)
         self.window = cfg.layer_windows()[layer]
         n_xsa = cfg.num_layers if cfg.xsa_last_n < 0 else cfg.xsa_last_n
         self.xsa = layer >= cfg.num_layers - n_xsa
@@ -1256,8 +1356,9 @@ class GPT(nn.Module):
                 m.kernels = kernels
         return self
 
-    def masks(self, ids, train: bool = False, cu_seqlens: torch.Tensor | None = None, doc: bool | None = None) -> dict:
-        return self.kernels.masks(ids, self.bos_id, train, cu_seqlens, doc)
+    def masks(self, ids, train: bool = False, cu_seqlens: torch.Tensor | None = None, doc: bool | None = None,
+              seq_len: int | None = None) -> dict:
+        return self.kernels.masks(ids, self.bos_id, train, cu_seqlens, doc, seq_len)
 
     # -- embedding stream ------------------------------------------------------------------------
     def embed(self, ids):
@@ -1586,6 +1687,32 @@ class Logger:
                 f.write(line + "\n")
 
 
+def train_warmup_plan(cfg: Config) -> list[tuple[int, bool]]:
+    """Every (sequence length, looping) pair the timed loop can meet, in schedule order: the compile warmup runs each,
+    so neither a TRAIN_SEQ_SCHEDULE change nor the loop switch compiles inside the timer. Phase k holds fractions
+    [start_k, start_k+1); looping is on from ENABLE_LOOPING_AT (never without NUM_LOOPS)."""
+    phases = cfg.train_seq_phases()
+    loop_at = cfg.enable_looping_at if cfg.num_loops > 0 else math.inf
+    plan = []
+    for k, (L, start) in enumerate(phases):
+        end = phases[k + 1][1] if k + 1 < len(phases) else math.inf
+        if start < loop_at:
+            plan.append((L, False))
+        if loop_at < end:
+            plan.append((L, True))
+    return plan
+
+
+def cu_bucket(segments: int) -> int:
+    """Length of doc_cu_seqlens' padded vector for `segments` segments (a power of two >= 64)."""
+    return max(64, 1 << segments.bit_length())
+
+
+def pad_cu(cu: torch.Tensor, size: int) -> torch.Tensor:
+    """cu_seqlens padded with empty segments to `size` entries: the same attention, another compiled shape."""
+    return torch.cat([cu, cu[-1:].expand(size - len(cu))]) if size > len(cu) else cu
+
+
 def autocast_ctx(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -1598,10 +1725,12 @@ class Trainer:
         if model.kernels.device != torch.device(device):  # a model built without them: this device's kernels, before compile
             model.set_kernels(resolve_kernels(cfg, device))
         self.accum = cfg.grad_accum_steps or max(1, 8 // world)
-        denom = world * self.accum * cfg.train_seq_len
-        if cfg.train_batch_tokens % denom:
-            raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must be a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN={denom}")
+        err = cfg.batch_split_error(world, self.accum)
+        if err:
+            raise ConfigError(err)
         self.local_tokens = cfg.train_batch_tokens // (world * self.accum)
+        self.seq_len = cfg.train_seq_phases()[0][0]  # the training length in force (TRAIN_SEQ_SCHEDULE)
+        self.cu_sizes: set[int] = set()  # DOC_ATTENTION: cu_seqlens lengths the steps met (the warmup's bucket plan)
         self.train_files = train_files
         use_compile = cfg.compile and device.type == "cuda"
         ns_fn = torch.compile(newton_schulz) if use_compile else None
@@ -1616,19 +1745,33 @@ class Trainer:
         self.loader = self.new_loader()
 
     def new_loader(self):
-        doc = (self.model.bos_id, self.cfg.train_seq_len) if self.cfg.doc_attention else None
-        return DistributedLoader(self.train_files, self.rank, self.world, self.local_tokens, self.cfg.train_seq_len, self.device,
+        doc = (self.model.bos_id, self.seq_len) if self.cfg.doc_attention else None
+        return DistributedLoader(self.train_files, self.rank, self.world, self.local_tokens, self.seq_len, self.device,
                                  self.cfg.prefetch_batches, doc=doc, vocab_size=self.cfg.vocab_size)
+
+    def set_seq_len(self, seq_len: int):
+        self.seq_len = seq_len
+        self.loader.set_seq_len(seq_len)
+
+    @property
+    def rows(self) -> int:  # rows of a micro-batch on one rank (DOC_ATTENTION: one packed row)
+        return 1 if self.cfg.doc_attention else self.local_tokens // self.seq_len
+
+    def forward_backward(self, x, y, cu, div: int) -> torch.Tensor:
+        if cu is not None:
+            self.cu_sizes.add(cu.numel())
+        with autocast_ctx(self.device):
+            loss = self.fwd(x, y, self.model.masks(x, train=True, cu_seqlens=cu, seq_len=self.seq_len))
+        (loss / div).backward()
+        return loss.detach()
 
     def step(self, step: int, lr_mul: float, progress: float = 0.0) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             x, y, cu = self.loader.next()
             sync = self.fwd.no_sync() if (self.world > 1 and micro < self.accum - 1) else contextlib.nullcontext()
-            with sync, autocast_ctx(self.device):
-                loss = self.fwd(x, y, self.model.masks(x, train=True, cu_seqlens=cu))
-            (loss / self.accum).backward()
-            total += loss.detach()
+            with sync:
+                total += self.forward_backward(x, y, cu, self.accum)
         if self.cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
         self.opts.step(lr_mul, step, progress)
@@ -1645,19 +1788,42 @@ class Trainer:
             self.swa.update()
         return total / self.accum
 
+    def warm_cu_buckets(self) -> int:
+        """DOC_ATTENTION: the varlen step's cu_seqlens come padded to a power of two (doc_cu_seqlens), and each size
+        is its own compiled graph. One extra forward/backward per size from the fewest segments this length allows up
+        to twice the largest the warmup steps met (the max over ranks: every rank runs the same passes, as DDP needs),
+        on a real batch cut every seq_len tokens and padded. Gradients are dropped (the warmup rolls back anyway)."""
+        if not self.cfg.doc_attention or not self.cu_sizes:
+            return 0
+        top = torch.tensor(float(max(self.cu_sizes)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        cut = torch.tensor(list(range(0, self.local_tokens, self.seq_len)) + [self.local_tokens], dtype=torch.int32, device=self.device)
+        size, passes = cu_bucket(len(cut) - 1), 0
+        while size <= 2 * int(top.item()):
+            x, y, _ = self.loader.next()
+            self.forward_backward(x, y, pad_cu(cut, size), 1)
+            self.opts.zero_grad()
+            size, passes = 2 * size, passes + 1
+        return passes
+
     def warmup(self):
-        """Prime torch.compile (both loop modes) on real steps, then restore every state and the loader."""
+        """Prime torch.compile on real steps for every (length, loop mode) pair of train_warmup_plan (and, with
+        DOC_ATTENTION, every cu_seqlens bucket of each length), then restore every state and the loader."""
         cfg = self.cfg
         if cfg.warmup_steps <= 0:
             return
         model_state = copy.deepcopy(self.model.state_dict())
         opt_state = copy.deepcopy(self.opts.state_dict())
-        modes = [False, True] if cfg.num_loops > 0 else [False]
-        t0 = time.perf_counter()
-        for looping in modes:
+        plan = train_warmup_plan(cfg)
+        t0, cu_passes = time.perf_counter(), 0
+        for seq_len, looping in plan:
+            self.set_seq_len(seq_len)
             self.model.looping_active = looping
+            self.cu_sizes.clear()
             for i in range(cfg.warmup_steps):
                 self.step(i, 1.0)
+            cu_passes += self.warm_cu_buckets()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.model.load_state_dict(model_state)
@@ -1668,9 +1834,13 @@ class Trainer:
         if self.swa is not None:
             self.swa = SWA(self.model)
         self.loader.close()
+        self.seq_len = cfg.train_seq_phases()[0][0]
         self.loader = self.new_loader()
-        self.log("warmup", steps=cfg.warmup_steps, loop_modes=len(modes), steps_run=cfg.warmup_steps * len(modes),
-                 seconds=time.perf_counter() - t0, rolled_back=1)
+        extra = dict(plan=",".join(f"{L}/{'on' if lp else 'off'}" for L, lp in plan)) if cfg.train_seq_schedule.strip() else {}
+        if cu_passes:
+            extra["cu_passes"] = cu_passes
+        self.log("warmup", steps=cfg.warmup_steps, loop_modes=len({lp for _, lp in plan}), steps_run=cfg.warmup_steps * len(plan),
+                 seconds=time.perf_counter() - t0, rolled_back=1, **extra)
 
     def hard_stop_margin_ms(self, elapsed_ms: float, steps: int) -> float:
         """What must still fit in MAX_WALLCLOCK_SECONDS after this step: one more step (the stop flag is read a step
@@ -1688,6 +1858,7 @@ class Trainer:
         nonfinite = torch.zeros((), device=dev, dtype=torch.bool)
         pending = None  # (flag tensor, async work) of the previous step
         stop_reason = "iterations"
+        scheduled, seq_changed = bool(cfg.train_seq_schedule.strip()), None  # seq_changed: step of the last length change
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -1699,8 +1870,14 @@ class Trainer:
             if cfg.num_loops > 0 and not self.model.looping_active and frac >= cfg.enable_looping_at:
                 self.model.looping_active = True
                 self.log("layer_loop", enabled=1, step=step, frac=frac)
+            if scheduled and (step == 0 or cfg.train_seq_len_at(frac) != self.seq_len):
+                self.set_seq_len(cfg.train_seq_len_at(frac))
+                seq_changed = step if step > 0 else None  # the first length is no change: no re-warm
+                self.log("seq_len", step=step, seq_len=self.seq_len, rows=self.rows, frac=frac)
             avg_ms = elapsed_ms / max(step, 1)
             lr_mul = lr_multiplier(cfg, frac, step, avg_ms, budget_ms - elapsed_ms)
+            if seq_changed is not None and step - seq_changed < cfg.seq_change_warmup_steps:  # re-warm after a length change
+                lr_mul *= (step - seq_changed + 1) / cfg.seq_change_warmup_steps
             loss = self.step(step, lr_mul, frac)
             nonfinite |= ~torch.isfinite(loss)
             step += 1
@@ -2635,10 +2812,15 @@ def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens:
     loss, tokens, bytes) and then trains each document's LoRA slice on it (not on a document's last chunk).
     `tokens` is the val stream on `device`; windows are gathered there (no host copy per step). Documents longest
     first make the active ones a prefix of the slots; `min_rows` pads a step with empty rows (no target scored, no
-    loss) so that a compiled forward never sees one row (dynamo specializes size 1: a second graph)."""
-    C, W = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
+    loss) so that a compiled forward never sees one row (dynamo specializes size 1: a second graph). Each document
+    has its own chunk size (TTT_CHUNK_SCHEDULE: short documents in smaller chunks); the slots are ordered by chunk
+    count (stable: with one chunk size this is the given longest-first order), so the active ones stay a prefix."""
+    W = cfg.ttt_eval_seq_len
+    chunks_of = lambda d: -(-(d[1] - 1) // cfg.ttt_chunk_for(d[1] - 1))  # noqa: E731
+    docs = sorted(docs, key=lambda d: -chunks_of(d))
     n_pred = [n - 1 for _, n in docs]
-    n_chunks = [-(-p // C) for p in n_pred]
+    Cs = [cfg.ttt_chunk_for(p) for p in n_pred]
+    n_chunks = [chunks_of(d) for d in docs]
     adapters.reset_b()
     opt = ttt_adamw(cfg, adapters.params(), device) if adapters.a else None
     for c in range(max(n_chunks)):
@@ -2647,7 +2829,7 @@ def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens:
         rows = max(len(active), min(min_rows, adapters.rows)) if prefix else len(active)
         info = torch.zeros(3, rows, dtype=torch.long)  # per row: absolute window start, window length, first scored
         for r, i in enumerate(active):
-            ws, we, first = ttt_chunk_window(n_pred[i], c, C, W)
+            ws, we, first = ttt_chunk_window(n_pred[i], c, Cs[i], W)
             info[0, r], info[1, r], info[2, r] = docs[i][0] + ws, we - ws, first - ws
         T = -(-int(info[1].max()) // 64) * 64  # few distinct shapes for the compiled forward
         info = info.to(device)
@@ -2691,8 +2873,9 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
     docs = ttt_documents(tokens, model.bos_id)
     batches, phases = ttt_schedule(docs, cfg, world)
     n_rounds = -(-len(batches) // world)
-    C, W = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
-    cost = [sum(ttt_doc_cost(docs[i][1], C, W) for i in b) for b in batches]
+    W = cfg.ttt_eval_seq_len
+    cost = [sum(ttt_doc_cost(docs[i][1], cfg.ttt_chunk_for(docs[i][1] - 1), W) for i in b) for b in batches]
+    chunk_docs = collections.Counter(cfg.ttt_chunk_for(n - 1) for _, n in docs)  # documents per chunk size, for the log
     total_cost = sum(cost)
     acc = torch.zeros(3, dtype=torch.float64, device=device)
     nll_out = torch.full((len(tokens),), float("nan"), dtype=torch.float64, device=device) if keep_nll else None
@@ -2744,7 +2927,8 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
             dist.all_reduce(nll_out)
     loss = (acc[0] / acc[1]).item()
     out = dict(val_loss=loss, val_bpb=loss / math.log(2) * (acc[1] / acc[2]).item(), tokens=int(acc[1].item()), bytes=int(acc[2].item()),
-               docs=len(docs), batches=len(batches), phases=phase_stats, seconds=time.perf_counter() - t_start)
+               docs=len(docs), batches=len(batches), phases=phase_stats, seconds=time.perf_counter() - t_start,
+               chunk_docs=",".join(f"{c}={chunk_docs[c]}" for c in sorted(chunk_docs)))
     if keep_nll:
         out["nll"] = nll_out.cpu()
     return out
@@ -2771,7 +2955,8 @@ def compile_ttt(model: GPT, backend="inductor"):
 def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
     """Compile warmup of the TTT forward on RANDOM tokens (never validation data), outside the eval timer: one batch
     of random documents through ttt_score_batch itself (a full-batch step, windows growing to TTT_EVAL_SEQ_LEN, the
-    padded few-row steps, a last untrained chunk) and a global-SGD forward/backward (weights untouched)."""
+    padded few-row steps, a last untrained chunk, a document of every TTT_CHUNK_SCHEDULE class) and a global-SGD
+    forward/backward (weights untouched)."""
     t0 = time.perf_counter()
     g = torch.Generator(device="cpu").manual_seed(0)
     n_virtual = len(layer_order(cfg, model.looping_active))
@@ -2780,14 +2965,22 @@ def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
     # one long document; the others end after their first chunk. R - 1 documents: a first call whose row count equals
     # its window length (64 and 64 at the defaults) makes dynamo "duck size" both to one symbol, and every later
     # window length then recompiles the graph (minutes each: BENCHMARKS.md, "Phased TTT")
-    lengths = [W + 2 * C + 1] + [C + 1] * max(0, R - 2)
+    # every chunk-schedule class: a document of two chunks just above the class's lower bound (tokens = targets + 1)
+    lo, classes = 0, []
+    for max_len, chunk in (parse_chunk_schedule(cfg.ttt_chunk_schedule) if cfg.ttt_chunk_schedule.strip() else ()):
+        classes.append(min(max_len, lo + 2 * chunk) + 1)
+        lo = max_len
+    lengths = [W + 2 * C + 1] + classes
+    lengths += [C + 1] * max(0, R - 1 - len(lengths))
     stream = torch.randint(0, cfg.vocab_size, (sum(lengths),), generator=g)
     docs = [(int(s), n) for s, n in zip(np.cumsum([0] + lengths[:-1]), lengths)]
     acc = torch.zeros(3, dtype=torch.float64, device=device)
     freeze_base(model, True)
     try:
-        ttt_score_batch(fwd, model, cfg, adapters, stream.to(device), docs, _WarmBytes(), device, acc, None,
-                        min_rows=2 if fwd is not model else 1)
+        per = max(1, R - 1)
+        for i in range(0, len(docs), per):  # more classes than slots: several batches
+            ttt_score_batch(fwd, model, cfg, adapters, stream.to(device), docs[i:i + per], _WarmBytes(), device, acc, None,
+                            min_rows=2 if fwd is not model else 1)
         if cfg.ttt_mode == "phased" and cfg.phased_ttt_num_phases > 0:
             freeze_base(model, False)
             x = torch.randint(0, cfg.vocab_size, (min(cfg.global_ttt_batch_seqs, max(1, cfg.global_ttt_chunk_tokens // W)), W + 1), generator=g).to(device)
@@ -2879,7 +3072,8 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     if cfg.ttt_enabled and cfg.ttt_mode == "phased":  # the phased forward sees a new window length every chunk step
         ttt_fwd = compile_ttt(model) if use_compile and cfg.ttt_compile else model
         ttt_warm_s = warm_ttt(ttt_fwd, model, cfg, device)
-        log("ttt_warmup", seconds=ttt_warm_s, compiled=ttt_fwd is not model, note="random_tokens_no_val_data_outside_the_eval_timer")
+        log("ttt_warmup", seconds=ttt_warm_s, compiled=ttt_fwd is not model, chunk_sizes=",".join(map(str, cfg.ttt_chunk_sizes())),
+            note="random_tokens_no_val_data_outside_the_eval_timer")
         warm_s += ttt_warm_s
     out: dict[str, Any] = {"eval_warmup_seconds": warm_s}
     t0 = time.perf_counter()
@@ -2902,9 +3096,11 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
             tl, tb = r["val_loss"], r["val_bpb"]
             assert r["tokens"] == nt, "phased TTT must score exactly the targets of the plain eval"
             out.update(ttt_docs=r["docs"], ttt_phases=r["phases"])
+            chunks = dict(chunk_schedule=cfg.ttt_chunk_schedule.replace(" ", "") or "off", chunk_docs=r["chunk_docs"])
         else:
             tl, tb, _ = eval_ttt_chunked(model, val, cfg, luts, device, rank, world, log)
-        log("ttt", mode=cfg.ttt_mode, val_loss=tl, val_bpb=tb, eval_s=time.perf_counter() - t3)
+            chunks = {}
+        log("ttt", mode=cfg.ttt_mode, val_loss=tl, val_bpb=tb, eval_s=time.perf_counter() - t3, **chunks)
         out.update(ttt_val_loss=tl, ttt_val_bpb=tb, ttt_seconds=time.perf_counter() - t3, final_val_loss=tl, final_val_bpb=tb, final_metric="ttt")
     out["eval_seconds"] = t_load + time.perf_counter() - t0
     out["valid_score"] = cfg.val_max_tokens <= 0  # a truncated validation set (VAL_MAX_TOKENS) gives no challenge score
@@ -3004,7 +3200,7 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     t0 = time.perf_counter()
     hessians = {}
     if cfg.quant == "gptq":
-        calib = DistributedLoader(train_files, rank, world, trainer.local_tokens, cfg.train_seq_len, device, prefetch=0, reverse=True,
+        calib = DistributedLoader(train_files, rank, world, trainer.local_tokens, trainer.seq_len, device, prefetch=0, reverse=True,  # the length training ended at
                                   vocab_size=cfg.vocab_size)
         hessians = collect_hessians(model, calib, cfg.gptq_calibration_batches, device, world)
         if device.type == "cuda":
@@ -3211,14 +3407,15 @@ class Kernels:
         return self
 
     def masks(self, x: torch.Tensor, bos_id: int, train: bool = False, cu_seqlens: torch.Tensor | None = None,
-              doc: bool | None = None) -> dict:
+              doc: bool | None = None, seq_len: int | None = None) -> dict:
         """Mask objects for a batch ({} when every layer takes the plain causal fast path). Document attention
         (DOC_ATTENTION for training, EVAL_DOC_ATTENTION otherwise, `doc` when given): {"varlen": (cu_seqlens, max_seqlen)}
         with a varlen kernel, else per-window masks over segment ids; `cu_seqlens` comes from the loader in training
-        (computed here from x otherwise: a host sync). Window-only masks are static and cached."""
+        (computed here from x otherwise: a host sync). Window-only masks are static and cached. `seq_len`: the training
+        length in force (TRAIN_SEQ_SCHEDULE), the document cut length of the varlen kernel."""
         cfg = self.cfg
         if doc if doc is not None else cfg.doc_attention if train else cfg.eval_doc_attention_on:
-            max_len = min(cfg.train_seq_len if train else x.size(1), x.numel())
+            max_len = min((seq_len or cfg.train_seq_len) if train else x.size(1), x.numel())
             if cu_seqlens is None:
                 cu_seqlens = torch.from_numpy(doc_cu_seqlens(x.detach().cpu().numpy(), bos_id, max_len)).to(x.device)
             if self.varlen is not None:

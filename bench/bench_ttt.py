@@ -38,10 +38,12 @@ FULL_VAL_TOKENS = {"sp8192_caseops": 47_850_000, "sp8192": 40_540_000}
 FULL_VAL_DOCS = 50_000
 
 
-def batch_steps(lengths, docs_per_batch: int, chunk: int) -> int:
-    """Chunk steps of the phased pass: per batch (longest first), the chunks of its longest document."""
+def batch_steps(lengths, docs_per_batch: int, chunk) -> int:
+    """Chunk steps of the phased pass: per batch (longest first), the most chunks of one of its documents. `chunk`:
+    the chunk size, or a function of a document's targets (TTT_CHUNK_SCHEDULE: Config.ttt_chunk_for)."""
+    size = chunk if callable(chunk) else lambda n: chunk
     ls = sorted(lengths, reverse=True)
-    return sum(-(-(ls[k] - 1) // chunk) for k in range(0, len(ls), docs_per_batch))
+    return sum(max(-(-(n - 1) // size(n - 1)) for n in ls[k:k + docs_per_batch]) for k in range(0, len(ls), docs_per_batch))
 
 
 def full_set_lengths(lengths, n_docs: int, n_tokens: float) -> list[int]:
@@ -125,18 +127,18 @@ def main(argv=None) -> int:
     if "phased" in res["modes"]:
         p = res["modes"]["phased"]
         c = tg.Config(dict(cfg.to_dict(), **{k: v for k, v in p["config"].items()}))
-        cost = sum(tg.ttt_doc_cost(n, c.ttt_chunk_size, c.ttt_eval_seq_len) for _, n in docs)
+        cost = sum(tg.ttt_doc_cost(n, c.ttt_chunk_for(n - 1), c.ttt_eval_seq_len) for _, n in docs)
         sgd_s = sum(ph["seconds"] for ph in p["phases"])
         sgd_tok = sum(ph["tokens"] * c.global_ttt_epochs for ph in p["phases"])
         lora_s = p["seconds"] - sgd_s
         proj = dict(local_forward_tokens=cost, lora_seconds=lora_s, lora_forward_tok_s=cost / lora_s,
                     sgd_seconds=sgd_s, sgd_tok_s=sgd_tok / sgd_s if sgd_s > 0 else None, gpus=a.gpus)
         lens = [n for _, n in docs]
-        steps = batch_steps(lens, c.ttt_docs_per_batch, c.ttt_chunk_size)
+        steps = batch_steps(lens, c.ttt_docs_per_batch, c.ttt_chunk_for)
         proj.update(local_steps=steps, s_per_step=lora_s / steps)
         for name, full in FULL_VAL_TOKENS.items():
             lora_full = lora_s * full / res["val_tokens"] / a.gpus
-            full_steps = batch_steps(full_set_lengths(lens, FULL_VAL_DOCS, full), c.ttt_docs_per_batch, c.ttt_chunk_size)
+            full_steps = batch_steps(full_set_lengths(lens, FULL_VAL_DOCS, full), c.ttt_docs_per_batch, c.ttt_chunk_for)
             sgd_full = RECORD_PHASE_TOKENS / proj["sgd_tok_s"] / a.gpus if proj["sgd_tok_s"] else None
             proj[name] = dict(val_tokens=full, lora_s=lora_full, sgd_s=sgd_full, total_s=lora_full + (sgd_full or 0.0),
                               steps=full_steps, lora_s_by_steps=full_steps * proj["s_per_step"] / a.gpus)
