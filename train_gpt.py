@@ -148,7 +148,7 @@ FIELDS: list[Field] = [
         _f("GATE_ATTN_SRC", str, "resid", "AttnOutGate input: resid (x_in, #1969) | proj (normed block input, #1667)", choices=("resid", "proj")),
         _f("SPARSE_ATTN_GATE_SCALE", float, 0.5, "scale inside the SparseAttnGate sigmoid"),
         _f("GATE_WIDTH", int, 12, "input width of the attention output gates (and default SmearGate width)", aliases=("GATE_WINDOW",)),
-        _f("DOC_ATTENTION", bool, False, "training attention never crosses a BOS: each micro-batch is one packed sequence, documents cut every TRAIN_SEQ_LEN tokens from their start (the records' varlen layout); varlen flash kernel when available"),
+        _f("DOC_ATTENTION", bool, True, "training attention never crosses a BOS: each micro-batch is one packed sequence, documents cut every TRAIN_SEQ_LEN tokens from their start (the records' varlen layout); varlen flash kernel when available"),
         _f("EVAL_DOC_ATTENTION", str, "auto", "eval/TTT windows: auto (as DOC_ATTENTION) | on (attention never crosses a BOS inside a window) | off (plain causal windows, as the records' sliding eval)", choices=("auto", "on", "off")),
     ]),
     *group("training", [  # training: batch, schedule, EMA
@@ -246,7 +246,7 @@ FIELDS: list[Field] = [
         _f("GLOBAL_TTT_CHUNK_TOKENS", int, 32768, "phased: tokens per global SGD step (the last chunk is not trained on)"),
         _f("GLOBAL_TTT_BATCH_SEQS", int, 32, "phased: sequences per forward in the global SGD (per rank)"),
         _f("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "phased: global SGD grad-norm clip; 0 = off"),
-        _f("TTT_COMPILE", bool, True, "torch.compile the TTT forward (dynamic shapes; CUDA with COMPILE=1 only), warmed up on random tokens outside the eval timer"),
+        _f("TTT_COMPILE", bool, False, "torch.compile the TTT forward (dynamic shapes; CUDA with COMPILE=1 only), warmed up on random tokens outside the eval timer; off by default: its compile is slower than the eager pass (BENCHMARKS.md, Phased TTT)"),
         _f("TTT_CHUNK_TOKENS", int, 32768, "chunked: val tokens scored per chunk before the LoRA trains on that chunk"),
         _f("TTT_EPOCHS", int, 1, "chunked: passes over each scored chunk"),
     ]),
@@ -2768,7 +2768,7 @@ def compile_ttt(model: GPT, backend="inductor"):
     return torch.compile(model, dynamic=True, backend=backend)
 
 
-def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
+def warm_ttt(fwd, model: GPT, cfg: Config, device, log: Logger | None = None) -> float:
     """Compile warmup of the TTT forward on RANDOM tokens (never validation data), outside the eval timer: one batch
     of random documents through ttt_score_batch itself (a full-batch step, windows growing to TTT_EVAL_SEQ_LEN, the
     padded few-row steps, a last untrained chunk) and a global-SGD forward/backward (weights untouched)."""
@@ -2788,12 +2788,20 @@ def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
     try:
         ttt_score_batch(fwd, model, cfg, adapters, stream.to(device), docs, _WarmBytes(), device, acc, None,
                         min_rows=2 if fwd is not model else 1)
+        if log is not None:  # which stage the compile time goes to (one line each)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            log("ttt_warmup_stage", stage="lora_batch", seconds=time.perf_counter() - t0)
         if cfg.ttt_mode == "phased" and cfg.phased_ttt_num_phases > 0:
             freeze_base(model, False)
             x = torch.randint(0, cfg.vocab_size, (min(cfg.global_ttt_batch_seqs, max(1, cfg.global_ttt_chunk_tokens // W)), W + 1), generator=g).to(device)
             with autocast_ctx(device):
                 fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1], doc=True), "none", None).mean().backward()
             model.zero_grad(set_to_none=True)
+            if log is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                log("ttt_warmup_stage", stage="global_sgd", seconds=time.perf_counter() - t0)
     finally:
         freeze_base(model, False)
     if device.type == "cuda":
@@ -2878,7 +2886,7 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     ttt_fwd = None
     if cfg.ttt_enabled and cfg.ttt_mode == "phased":  # the phased forward sees a new window length every chunk step
         ttt_fwd = compile_ttt(model) if use_compile and cfg.ttt_compile else model
-        ttt_warm_s = warm_ttt(ttt_fwd, model, cfg, device)
+        ttt_warm_s = warm_ttt(ttt_fwd, model, cfg, device, log)
         log("ttt_warmup", seconds=ttt_warm_s, compiled=ttt_fwd is not model, note="random_tokens_no_val_data_outside_the_eval_timer")
         warm_s += ttt_warm_s
     out: dict[str, Any] = {"eval_warmup_seconds": warm_s}
@@ -2966,6 +2974,9 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
         failed = verdicts.get(device.index or 0) if device.type == "cuda" else None
         if failed:
             log("warning", msg=f"{what}: {failed}")
+    if device.type == "cuda" and cfg.doc_attention and kernels.varlen is None:
+        log("warning", msg="DOC_ATTENTION=1 without a varlen flash kernel (flash-attn 3 or flash-attn-4): document masks "
+                           "instead, a much slower step (BENCHMARKS.md); install one, or DOC_ATTENTION=0 (attention crosses documents)")
     base = dict(run_id=run_dir.name, seed=cfg.seed, code_sha256=code_sha, code_bytes=len(code), config=cfg.to_dict(), world_size=world,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch_version=torch.__version__,
                 cuda_version=torch.version.cuda, max_wallclock_seconds=cfg.max_wallclock_seconds, max_eval_seconds=cfg.max_eval_seconds,
@@ -3222,6 +3233,9 @@ class Kernels:
             if cu_seqlens is None:
                 cu_seqlens = torch.from_numpy(doc_cu_seqlens(x.detach().cpu().numpy(), bos_id, max_len)).to(x.device)
             if self.varlen is not None:
+                # one compiled graph for every cu_seqlens length: a micro-batch with more documents than any warmup
+                # batch had (the next power-of-two bucket) recompiled the whole step inside the timed loop
+                torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
                 return {"varlen": (cu_seqlens, max_len)}
             return build_masks(cfg, x.size(1), x.device, segment_ids(cu_seqlens, x.shape), self.flex)
         if (self.flash is not None and x.is_cuda) or not any(cfg.layer_windows()):
