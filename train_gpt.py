@@ -135,6 +135,8 @@ FIELDS: list[Field] = [
         _f("ROPE_BASE", float, 10000.0, "RoPE base"),
         _f("ROPE_DIMS", int, 16, "rotate only the first ROPE_DIMS dims of each head; 0 = all", aliases=("PARTIAL_ROPE_DIMS",)),
         _f("XSA_LAST_N", int, -1, "exclusive self-attention on the last N physical layers; -1 = all, 0 = off", aliases=("XSA_LAYERS",)),
+        _f("XSA_GATE", bool, False, "XSA gating (PR #1125 row 41): a learned per-head strength of the XSA subtraction, y - sigmoid(a_h) (y.v^) v^ (needs XSA_LAST_N != 0)"),
+        _f("XSA_GATE_INIT", float, 0.0, "init of the XSA gate logits a_h (0: strength sigmoid(0) = 0.5; the PR gives no init, ours is a guess)"),
         _f("WINDOW_PATTERN", str, "L", "per-layer attention window, S/L string tiled over physical layers; last layer forced L"),
         _f("WINDOW_SHORT", int, 0, "S window in tokens; 0 = TRAIN_SEQ_LEN // 2"),
         _f("SHARED_HEAD_DIM", int, 0, "shared-specific Q/K: last S dims of every head tied to the cross-head mean (PR #1774); 0 = off"),
@@ -496,6 +498,7 @@ class Config(ConfigValues):
         if self.shared_head_dim:
             need(rope + self.shared_head_dim <= D, f"ROPE_DIMS ({rope}) + SHARED_HEAD_DIM ({self.shared_head_dim}) must be <= head_dim {D}")
         need(-1 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n}: expected -1 (all), 0 (off) or 1..NUM_LAYERS={self.num_layers}")
+        need(not (self.xsa_gate and self.xsa_last_n == 0), "XSA_GATE=1 with XSA_LAST_N=0: there is no XSA subtraction to gate")
         need(self.logit_softcap >= 0, f"LOGIT_SOFTCAP={self.logit_softcap}: expected >= 0 (0 = off)")
         need(self.leaky_slope >= 0, f"LEAKY_SLOPE={self.leaky_slope}: expected >= 0")
         need(re.fullmatch(r"[SLsl]+", self.window_pattern) is not None, f"WINDOW_PATTERN={self.window_pattern!r}: expected a string of S and L")
@@ -1019,11 +1022,13 @@ class Attention(nn.Module):
             self.q_gain = nn.Parameter(torch.full((H,), cfg.qk_gain_init))
         else:  # fixed: rebuilt from the config, not stored
             self.register_buffer("q_gain", torch.full((H,), cfg.qk_gain_init), persistent=False)
-        declare(self, q_gain="scalar/control", attn_gate_bias="scalar/control", attn_out_gate_w="scalar/gate", attn_gate_w="scalar/gate")
+        declare(self, q_gain="scalar/control", xsa_gate="scalar/control", attn_gate_bias="scalar/control", attn_out_gate_w="scalar/gate", attn_gate_w="scalar/gate")
         self.rotary = Rotary(cfg.rope_dims or D, cfg.rope_base, max(cfg.train_seq_len, cfg.eval_seq_len, cfg.ttt_eval_seq_len))
         self.window = cfg.layer_windows()[layer]
         n_xsa = cfg.num_layers if cfg.xsa_last_n < 0 else cfg.xsa_last_n
         self.xsa = layer >= cfg.num_layers - n_xsa
+        if self.xsa and cfg.xsa_gate:  # PR #1125 row 41: per-head strength of the subtraction, sigmoid(a_h)
+            self.xsa_gate = nn.Parameter(torch.full((H,), cfg.xsa_gate_init))
         if cfg.attn_gate == "gated":  # PR #487: sigmoid(W h + b), W (Muon) zero, b = 4
             self.attn_gate = CastedLinear(dim, H, "muon/gate", zero_init=True)
             self.attn_gate_bias = nn.Parameter(torch.full((H,), 4.0))
@@ -1091,7 +1096,10 @@ class Attention(nn.Module):
         if self.xsa:  # remove the component along the token's own value direction (GQA-broadcast)
             yg = y.view(B, T, Hkv, H // Hkv, D)
             vn = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
-            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+            coef = (yg * vn).sum(-1, keepdim=True)
+            if self.cfg.xsa_gate:  # query head h = g * (H/Hkv) + j sits at [g, j] of the grouped view
+                coef = coef * torch.sigmoid(self.xsa_gate).to(y.dtype).view(Hkv, H // Hkv, 1)
+            y = (yg - coef * vn).view(B, T, H, D)
         if self.cfg.attn_gate == "gated":
             y = y * torch.sigmoid(self.attn_gate(h) + self.attn_gate_bias.to(h.dtype)).unsqueeze(-1).to(y.dtype)
         elif self.cfg.attn_gate == "out":

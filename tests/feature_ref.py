@@ -222,7 +222,8 @@ def ref_attention(cfg, P, layer, h, x_in, ids, state, doc):
         for hh in range(H):
             vv = v[:, :, hh // (H // Hkv)]
             vhat = vv / vv.norm(dim=-1, keepdim=True)
-            y[:, :, hh] = y[:, :, hh] - (y[:, :, hh] * vhat).sum(-1, keepdim=True) * vhat
+            strength = torch.sigmoid(P[pre + "xsa_gate"][hh]) if cfg.xsa_gate else 1.0  # PR #1125 row 41
+            y[:, :, hh] = y[:, :, hh] - strength * (y[:, :, hh] * vhat).sum(-1, keepdim=True) * vhat
     if cfg.attn_gate == "gated":
         y = y * torch.sigmoid(h @ P[pre + "attn_gate.weight"].T + P[pre + "attn_gate_bias"])[..., None]
     elif cfg.attn_gate == "out":
