@@ -197,6 +197,8 @@ FIELDS: list[Field] = [
     ]),
     *group("quantization", [  # quantization and packing
         _f("QUANT", str, "gptq", "gptq | rtn (round-to-nearest on the same SDClip grid) | int8 (per-row absmax int8)", choices=("gptq", "rtn", "int8")),
+        _f("INT8_CLIP_PERCENTILE", float, 100.0, "QUANT=int8: clip each row of a quantized matrix at this percentile of |w| (linear interpolation, as torch.quantile) before scale = clip/127; 100 or 0 = absmax (the baseline script: 99.99984; PR #1125 row 31: 99.5)"),
+        _f("INT8_SCALE_FLOOR", float, 0.0, "QUANT=int8: lower bound of those rows' scales (the baseline script: 1/127 = 0.007874015748031496); 0 = none"),
         _f("MATRIX_BITS", int, 6, "bits of block matrices (5..8)"),
         _f("EMBED_BITS", int, 7, "bits of the token embedding (5..8)"),
         _f("MATRIX_CLIP_SIGMAS", float, 12.85, "SDClip k for other matrices (scale = k*std/qmax)"),
@@ -216,7 +218,7 @@ FIELDS: list[Field] = [
         _f("BROTLI_LGWIN", int, 24, "brotli window log2 (10..24; brotli's own default is 22, the seeds' #1774/#1969)"),
         _f("LZMA_PRESET", int, 9, "lzma preset 0..9 (the seeds' #1774/#1969 use 6)"),
         _f("LZMA_EXTREME", bool, True, "lzma's EXTREME flag on top of LZMA_PRESET (the seeds use 0)"),
-        _f("COMPRESSOR", str, "brotli", "brotli (q11 + byte shuffle) | zstd | lzma | pergroup (int8 weights by role, rows L1-sorted, best codec per group incl. lrzip when installed: record #1855)", choices=("brotli", "zstd", "lzma", "pergroup")),
+        _f("COMPRESSOR", str, "brotli", "brotli (q11 + byte shuffle) | zstd | lzma | zlib (level 9: the baseline script and PR #1125) | pergroup (int8 weights by role, rows L1-sorted, best codec per group incl. lrzip when installed: record #1855)", choices=("brotli", "zstd", "lzma", "zlib", "pergroup")),
     ]),
     *group("eval", [  # evaluation
         _f("EVAL_SEQ_LEN", int, 2048, "eval context length"),
@@ -544,6 +546,10 @@ class Config(ConfigValues):
         need(0.0 <= self.ema_start_frac < 1.0, f"EMA_START_FRAC={self.ema_start_frac}: expected [0, 1)")
         need(not (self.swa_enabled and self.ema_enabled), "SWA_ENABLED=1 and EMA_ENABLED=1 both replace the final weights: enable one")
         need(self.swa_every >= 1, f"SWA_EVERY={self.swa_every}: expected >= 1")
+        need(0.0 <= self.int8_clip_percentile <= 100.0, f"INT8_CLIP_PERCENTILE={self.int8_clip_percentile}: expected 0..100 (0 or 100 = absmax)")
+        need(self.int8_scale_floor >= 0.0, f"INT8_SCALE_FLOOR={self.int8_scale_floor}: expected >= 0")
+        if self.int8_clip_percentile not in (0.0, 100.0) or self.int8_scale_floor > 0:
+            need(self.quant == "int8", f"INT8_CLIP_PERCENTILE={self.int8_clip_percentile} / INT8_SCALE_FLOOR={self.int8_scale_floor} shape the QUANT=int8 quantizer: set QUANT=int8 (QUANT={self.quant})")
         for name in ("MATRIX_BITS", "EMBED_BITS"):
             need(5 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: expected 5..8")
         need(self.eval_seq_len >= 2 and 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
@@ -1833,6 +1839,28 @@ def quantize_absmax_rows(W: torch.Tensor, bits: int = 8):
     return _round_to_grid(W2, scale, qmax).to(torch.int8).reshape(W.shape), scale
 
 
+def row_percentile(a: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Per-row percentile of a (rows, cols) with linear interpolation between order statistics (torch.quantile's
+    default), by sort: torch.quantile refuses inputs of more than 2^24 elements (a large embedding)."""
+    srt = a.sort(dim=1).values
+    pos = torch.tensor(percentile / 100.0, dtype=a.dtype) * (a.size(1) - 1)  # the rank in a's dtype, as torch.quantile
+    lo = min(int(pos.floor()), a.size(1) - 1)
+    hi = min(lo + 1, a.size(1) - 1)
+    return torch.lerp(srt[:, lo], srt[:, hi], (pos - lo).to(a.device))
+
+
+def quantize_int8_rows(W: torch.Tensor, percentile: float = 100.0, floor: float = 0.0):
+    """The baseline script's int8: each row clipped at the `percentile`-th percentile of |w|, scale = max(clip/127,
+    floor). Absmax without a floor (100 or 0, 0) is quantize_absmax_rows, unchanged."""
+    if percentile in (0.0, 100.0) and floor <= 0:
+        return quantize_absmax_rows(W, 8)
+    W2 = _as_rows(W.detach()).float()
+    clip = W2.abs().amax(dim=1) if percentile in (0.0, 100.0) or W2.shape[1] < 2 else row_percentile(W2.abs(), percentile)
+    scale = _fp16_scale(torch.clamp(clip / 127, min=floor))
+    W2 = torch.minimum(torch.maximum(W2, -clip[:, None]), clip[:, None])
+    return _round_to_grid(W2, scale, 127).to(torch.int8).reshape(W.shape), scale
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
     """q*s with one scale per row (last dim). Exact in fp32: |q|<=127 times an fp16 scale."""
     s = scale.to(torch.float32).reshape(*q.shape[:-1], 1) if q.ndim >= 1 else scale.float()
@@ -1992,7 +2020,7 @@ def select_lqer_targets(errors: dict, top_k: int) -> list:
 # plan(name, tensor) -> spec  (or a dict name -> spec), where spec is one of
 #   ("gptq", bits, clip_sigmas[, damp])  GPTQ with hessians[name]   -> name.q int8, name.scale fp16
 #   ("rtn", bits, clip_sigmas)           round-to-nearest, same grid -> name.q, name.scale
-#   ("int8_row",)                        per-row absmax/127          -> name.q, name.scale
+#   ("int8_row"[, percentile, floor])    per-row absmax/127 (clip at a percentile of |w|, scale floor) -> name.q, name.scale
 #   ("fp16",) / ("bf16",) / ("fp32",)    cast passthrough            -> name
 #   ("raw",)                             stored unchanged (any packable dtype) -> name
 # LQER factors of a target go to name.lqer.{a_q,a_s,b_q,b_s}.
@@ -2070,7 +2098,7 @@ def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: in
                 kind = entry["scheme"] = "rtn"
                 st["fallback"] = "no hessian"
             if kind == "int8_row":
-                q, s = quantize_absmax_rows(W, 8)
+                q, s = quantize_int8_rows(W, *map(float, spec[1:3]))
             else:
                 bits, k = int(spec[1]), float(spec[2])
                 entry.update(bits=bits, clip_sigmas=k)
@@ -2217,8 +2245,9 @@ def quant_plan(cfg: Config, roles: Mapping[str, tuple[str, str]]) -> Callable:
             return ("fp16",)
         cls = roles[name][1] if name in roles else "control"
         big = t.ndim == 2 and t.numel() > 65536
-        if cfg.quant == "int8" and big:
-            return ("int8_row",)
+        if cfg.quant == "int8" and big:  # the clip options only when set: today's spec (and artifact bytes) otherwise
+            clipped = cfg.int8_clip_percentile not in (0.0, 100.0) or cfg.int8_scale_floor > 0
+            return ("int8_row", cfg.int8_clip_percentile, cfg.int8_scale_floor) if clipped else ("int8_row",)
         kind = "gptq" if cfg.quant == "gptq" else "rtn"
         if cls == "tok_emb":
             return (kind if cfg.tie_embeddings else "rtn", eb, cfg.embed_clip_sigmas)
@@ -3996,7 +4025,7 @@ def _pergroup_tensors(blob: bytes, header: dict, pos: int) -> tuple:
 # ---- byte shuffle + compression ------------------------------------------------------------------
 
 BSHF_MAGIC, BLOB_MAGIC = b"BSHF", b"PGZ"
-_CODEC_IDS = {"none": b"N", "brotli": b"B", "zstd": b"Z", "lzma": b"X"}
+_CODEC_IDS = {"none": b"N", "brotli": b"B", "zstd": b"Z", "lzma": b"X", "zlib": b"D"}
 
 
 def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
@@ -4048,6 +4077,8 @@ def compress_blob(raw: bytes, compressor: str = "brotli", shuffle: int = 2, lgwi
         payload = _import_codec("zstandard", "zstandard").ZstdCompressor(level=22).compress(raw)
     elif compressor == "lzma":
         payload = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=lzma_preset)
+    elif compressor == "zlib":
+        payload = zlib.compress(raw, 9)
     else:
         payload = raw
     return BLOB_MAGIC + _CODEC_IDS[compressor] + payload
@@ -4078,6 +4109,14 @@ def _bounded_decode(codec: str, payload: bytes, cap: int) -> bytes:
             raise over
         if not d.eof:
             raise ValueError("lzma payload is truncated")
+        return out
+    if codec == "zlib":
+        d = zlib.decompressobj()
+        out = d.decompress(payload, cap + 1)
+        if len(out) > cap:
+            raise over
+        if not d.eof:
+            raise ValueError("zlib payload is truncated")
         return out
     if codec == "zstd":
         reader = _import_codec("zstandard", "zstandard").ZstdDecompressor().stream_reader(payload)

@@ -53,3 +53,71 @@ def test_xsa_gate_limits_and_off_switch():
     assert torch.equal(_logits(off, ids), _logits(plain, ids))
     with pytest.raises(tg.ConfigError, match="XSA_GATE=1 with XSA_LAST_N=0"):
         make_cfg(XSA_GATE=1, XSA_LAST_N=0)
+
+
+# -- #31 int8 clip percentile + zlib -----------------------------------------------------------------------------------
+
+def test_row_percentile_is_torch_quantile():
+    a = torch.randn(7, 301).abs()
+    for p in (0.0, 12.5, 50.0, 99.5, 99.99984, 100.0):
+        torch.testing.assert_close(tg.row_percentile(a, p), torch.quantile(a, p / 100, dim=1), rtol=0, atol=1e-7)
+
+
+def test_int8_clip_percentile_is_the_baseline_quantizer():
+    """Per row: clip = percentile of |w|, w clamped to +-clip, scale = max(clip/127, floor) (fp16), q = round(w/scale)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 400, generator=g) * 0.05
+    W[3, 7] = 2.0  # an outlier the clip removes
+    for pct, floor in ((99.5, 0.0), (99.99984, 1 / 127), (100.0, 1 / 127)):
+        q, s = tg.quantize_int8_rows(W, pct, floor)
+        clip = torch.quantile(W.abs(), pct / 100, dim=1)
+        want_s = torch.clamp(clip / 127, min=floor).to(torch.float16)
+        assert torch.equal(s, want_s)
+        want_q = torch.clamp(torch.round(torch.clamp(W, -clip[:, None], clip[:, None]) / want_s.float()[:, None]), -127, 127)
+        assert torch.equal(q, want_q.to(torch.int8))
+    q, s = tg.quantize_int8_rows(W, 99.5)
+    assert q[3, 7] == 127 and float(s[3]) < 2.0 / 127  # the outlier no longer sets row 3's scale
+    for off in (100.0, 0.0):  # absmax: today's quantizer, bit for bit
+        a, b = tg.quantize_int8_rows(W, off, 0.0), tg.quantize_absmax_rows(W, 8)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_int8_clip_reaches_the_plan_and_artifact_only_when_set():
+    cfg, m = build(QUANT="int8", MODEL_DIM=128, NUM_HEADS=4, MLP_MULT=8)  # mlp.fc 1024 x 128: quantized (> 65,536)
+    sd = {k: v.detach() for k, v in m.state_dict().items()}
+    name = "blocks.0.mlp.fc.weight"
+    assert sd[name].numel() > 65536
+    plain = tg.quant_plan(cfg, tg.param_roles(m))
+    assert plain(name, sd[name]) == ("int8_row",)
+    clip_cfg = make_cfg(QUANT="int8", MODEL_DIM=128, NUM_HEADS=4, MLP_MULT=8, INT8_CLIP_PERCENTILE=99.5, INT8_SCALE_FLOOR=1 / 127)
+    plan = tg.quant_plan(clip_cfg, tg.param_roles(m))
+    assert plan(name, sd[name]) == ("int8_row", 99.5, 1 / 127)
+    tensors, meta = tg.quantize_state_dict(sd, {}, plan)
+    q, s = tg.quantize_int8_rows(sd[name].float(), 99.5, 1 / 127)
+    assert torch.equal(tensors[name + ".q"], q) and torch.equal(tensors[name + ".scale"], s)
+    back = tg.dequantize_state_dict(tensors, tg.meta_for_storage(meta))
+    torch.testing.assert_close(back[name], tg.dequantize(q, s))
+    for bad in (dict(INT8_CLIP_PERCENTILE=99.5), dict(INT8_SCALE_FLOOR=0.01)):
+        with pytest.raises(tg.ConfigError, match="set QUANT=int8"):
+            make_cfg(QUANT="rtn", **bad)
+    with pytest.raises(tg.ConfigError, match="INT8_CLIP_PERCENTILE=101"):
+        make_cfg(QUANT="int8", INT8_CLIP_PERCENTILE=101)
+
+
+def test_zlib_codec_round_trips_and_is_bounded():
+    import zlib
+    raw = bytes(range(256)) * 300 + b"x" * 5000
+    blob = tg.compress_blob(raw, "zlib", 0)
+    assert blob[:4] == b"PGZD" and blob[4:] == zlib.compress(raw, 9) and tg.decompress_blob(blob) == raw
+    assert tg.decompress_blob(tg.compress_blob(raw, "zlib", 2)) == raw
+    with pytest.raises(ValueError, match="truncated"):
+        tg.decompress_blob(blob[:-20])
+    bomb = tg.compress_blob(b"\0" * (20 << 20), "zlib", 0)
+    with pytest.raises(ValueError, match="expands beyond"):
+        tg.decompress_blob(bomb)
+    with pytest.raises(ValueError, match="corrupt zlib"):
+        tg.decompress_blob(b"PGZD" + b"not a zlib stream")
+    cfg = make_cfg(QUANT="int8", COMPRESSOR="zlib", INT8_CLIP_PERCENTILE=99.99984)
+    tensors = {"w": torch.arange(1000, dtype=torch.int8).reshape(10, 100)}
+    art = tg.build_artifact(tensors, {"tensors": {}}, cfg, BOS)
+    assert art[:4] == b"PGZD" and tg.deserialize_state(art)[0]["w"].equal(tensors["w"])
