@@ -205,6 +205,8 @@ FIELDS: list[Field] = [
         _f("ATTN_CLIP_SIGMAS", float, 13.0, "SDClip k for attention matrices"),
         _f("MLP_CLIP_SIGMAS", float, 12.0, "SDClip k for MLP matrices (12 = the brotli-packed #1851/#1868 record; #1855 used 11.5 with lrzip)"),
         _f("EMBED_CLIP_SIGMAS", float, 15.0, "SDClip k for the embedding (15 with brotli as #1851/#1868; #1855 used 14 with lrzip)"),
+        _f("QAT", bool, False, "quantization-aware training (PR #1125 row 37): from QAT_START_FRAC on, every quantized block matrix is used through the artifact's round trip (RTN on its grid: MATRIX_BITS and the class clip, int8 rows for QUANT=int8), gradients straight through"),
+        _f("QAT_START_FRAC", float, 0.0, "training fraction at which QAT switches on (a buffer: no recompile; the PR gives no start)"),
         _f("GPTQ_CALIBRATION_BATCHES", int, 16, "training batches for the GPTQ Hessians"),
         _f("GPTQ_BLOCK_SIZE", int, 128, "GPTQ column block"),
         _f("GPTQ_DAMP", float, 0.01, "GPTQ damping as a fraction of mean(diag H)"),
@@ -546,6 +548,7 @@ class Config(ConfigValues):
         need(0.0 <= self.ema_start_frac < 1.0, f"EMA_START_FRAC={self.ema_start_frac}: expected [0, 1)")
         need(not (self.swa_enabled and self.ema_enabled), "SWA_ENABLED=1 and EMA_ENABLED=1 both replace the final weights: enable one")
         need(self.swa_every >= 1, f"SWA_EVERY={self.swa_every}: expected >= 1")
+        need(0.0 <= self.qat_start_frac < 1.0, f"QAT_START_FRAC={self.qat_start_frac}: expected [0, 1)")
         need(0.0 <= self.int8_clip_percentile <= 100.0, f"INT8_CLIP_PERCENTILE={self.int8_clip_percentile}: expected 0..100 (0 or 100 = absmax)")
         need(self.int8_scale_floor >= 0.0, f"INT8_SCALE_FLOOR={self.int8_scale_floor}: expected >= 0")
         if self.int8_clip_percentile not in (0.0, 100.0) or self.int8_scale_floor > 0:
@@ -961,9 +964,13 @@ class CastedLinear(nn.Module):
         else:
             nn.init.normal_(self.weight, std=in_f ** -0.5)
         self.shared: tuple[int, int, int] | None = None  # (heads, head_dim, shared_dims)
+        self.qat: tuple | None = None  # QAT: this weight's quantization spec (enable_qat)
 
     def effective_weight(self) -> torch.Tensor:
-        return tie_shared_rows(self.weight, *self.shared) if self.shared else self.weight
+        w = tie_shared_rows(self.weight, *self.shared) if self.shared else self.weight
+        if self.qat is not None:  # QAT: w + mix (Q(w) - w), the difference detached (straight-through); mix 0 -> 1 at the start
+            w = w + self.qat_mix * (fake_quant(w, self.qat) - w).detach()
+        return w
 
     def forward(self, x):
         return F.linear(x, self.effective_weight().to(x.dtype))
@@ -1262,6 +1269,8 @@ class GPT(nn.Module):
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), cfg.parallel_resid_init))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
         self.looping_active = False
+        if cfg.qat:
+            enable_qat(self, cfg)
 
     def set_kernels(self, kernels: Kernels) -> GPT:
         """Attend / run the MLP backward with `kernels` (resolve_kernels for the model's device), before compile."""
@@ -1366,6 +1375,36 @@ class GPT(nn.Module):
         logits = self.forward_logits(ids, masks, lora)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+def enable_qat(model: GPT, cfg: Config) -> None:
+    """Give every block matrix that the artifact quantizes its spec (from quant_plan) and a 0-d mix buffer (0 = off)."""
+    plan = quant_plan(cfg, param_roles(model))
+    for name, mod in model.blocks.named_modules(prefix="blocks"):
+        if isinstance(mod, CastedLinear):
+            spec = plan(f"{name}.weight", mod.weight)
+            if spec[0] in ("gptq", "rtn", "int8_row"):
+                mod.qat = spec
+                mod.register_buffer("qat_mix", torch.zeros(()), persistent=False)
+
+
+@torch.no_grad()
+def set_qat(model: GPT, on: bool) -> int:
+    """Switch QAT on or off in place (a buffer value: a compiled graph stays valid); returns the number of weights."""
+    mods = [m for m in model.modules() if isinstance(m, CastedLinear) and m.qat is not None]
+    for m in mods:
+        m.qat_mix.fill_(1.0 if on else 0.0)
+    return len(mods)
+
+
+def fake_quant(w: torch.Tensor, spec: tuple) -> torch.Tensor:
+    """The artifact's round trip of one weight: RTN on its SDClip grid (the GPTQ grid too: GPTQ itself is not
+    differentiable), or the int8 rows of QUANT=int8; in w's dtype."""
+    if spec[0] == "int8_row":
+        q, sc = quantize_int8_rows(w, *map(float, spec[1:3]))
+    else:
+        q, sc = quantize_rtn(w, int(spec[1]), float(spec[2]))
+    return dequantize(q, sc, w.dtype)
 
 
 @torch.no_grad()
@@ -1626,6 +1665,7 @@ class Trainer:
         self.opts = Optimizers(model, cfg, rank, world, ns_fn)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
         self.ema_live = False  # EMA_START_FRAC: the shadow restarts from the weights when training reaches it
+        self.qat_on = False  # QAT: switched on (buffers) when training reaches QAT_START_FRAC
         self.swa = SWA(model) if cfg.swa_enabled else None
         self.loader = self.new_loader()
 
@@ -1713,6 +1753,10 @@ class Trainer:
             if cfg.num_loops > 0 and not self.model.looping_active and frac >= cfg.enable_looping_at:
                 self.model.looping_active = True
                 self.log("layer_loop", enabled=1, step=step, frac=frac)
+            if cfg.qat and not self.qat_on and frac >= cfg.qat_start_frac:
+                self.qat_on = True
+                self.log("qat", enabled=1, step=step, frac=frac, weights=set_qat(self.model, True), quant=cfg.quant,
+                         bits=8 if cfg.quant == "int8" else cfg.matrix_bits)
             avg_ms = elapsed_ms / max(step, 1)
             lr_mul = lr_multiplier(cfg, frac, step, avg_ms, budget_ms - elapsed_ms)
             loss = self.step(step, lr_mul, frac)
@@ -1843,10 +1887,11 @@ def row_percentile(a: torch.Tensor, percentile: float) -> torch.Tensor:
     """Per-row percentile of a (rows, cols) with linear interpolation between order statistics (torch.quantile's
     default), by sort: torch.quantile refuses inputs of more than 2^24 elements (a large embedding)."""
     srt = a.sort(dim=1).values
-    pos = torch.tensor(percentile / 100.0, dtype=a.dtype) * (a.size(1) - 1)  # the rank in a's dtype, as torch.quantile
-    lo = min(int(pos.floor()), a.size(1) - 1)
+    # the rank in fp32 as torch.quantile computes it; numpy, not a tensor, so a compiled QAT forward needs no host sync
+    pos = np.float32(percentile / 100.0) * np.float32(a.size(1) - 1)
+    lo = min(int(np.floor(pos)), a.size(1) - 1)
     hi = min(lo + 1, a.size(1) - 1)
-    return torch.lerp(srt[:, lo], srt[:, hi], (pos - lo).to(a.device))
+    return torch.lerp(srt[:, lo], srt[:, hi], float(pos - np.float32(lo)))
 
 
 def quantize_int8_rows(W: torch.Tensor, percentile: float = 100.0, floor: float = 0.0):
@@ -3030,6 +3075,7 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     periodic = (lambda: evaluate(model, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world)[:2]) if cfg.val_loss_every > 0 else None
     trainer.warmup()
     stats = trainer.train(periodic)
+    set_qat(model, False)  # QAT off again: prequant eval and GPTQ Hessians see the float weights the artifact quantizes
 
     # EMA weights replace the live ones; SHD rows are baked before the Hessians see the model.
     if trainer.ema is not None:

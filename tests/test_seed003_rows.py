@@ -121,3 +121,98 @@ def test_zlib_codec_round_trips_and_is_bounded():
     tensors = {"w": torch.arange(1000, dtype=torch.int8).reshape(10, 100)}
     art = tg.build_artifact(tensors, {"tensors": {}}, cfg, BOS)
     assert art[:4] == b"PGZD" and tg.deserialize_state(art)[0]["w"].equal(tensors["w"])
+
+
+# -- #37 QAT -----------------------------------------------------------------------------------------------------------
+
+QAT_SHAPE = dict(MODEL_DIM=128, NUM_HEADS=4, MLP_MULT=8)  # mlp.fc / mlp.proj 1024 x 128: quantized (> 65,536 elements)
+
+
+@pytest.mark.parametrize("quant", [dict(QUANT="gptq", MATRIX_BITS=6), dict(QUANT="rtn", MATRIX_BITS=5),
+                                   dict(QUANT="int8", INT8_CLIP_PERCENTILE=99.5, INT8_SCALE_FLOOR=1 / 127)])
+def test_qat_uses_the_artifact_round_trip_with_a_straight_through_gradient(quant):
+    cfg, m = build(QAT=1, **QAT_SHAPE, **quant)
+    perturb(m, scale=0.05)
+    qat = {n for n, mod in m.named_modules() if isinstance(mod, tg.CastedLinear) and mod.qat is not None}
+    assert qat == {f"blocks.{i}.mlp.{w}" for i in range(cfg.num_layers) for w in ("fc", "proj")}
+    assert tg.set_qat(m, True) == len(qat)
+    sd = {k: v.detach() for k, v in m.state_dict().items()}
+    plan = tg.quant_plan(cfg, tg.param_roles(m))
+    rtn_plan = lambda n, t: ("rtn", *plan(n, t)[1:]) if plan(n, t)[0] == "gptq" else plan(n, t)  # noqa: E731  GPTQ's grid, RTN
+    tensors, meta = tg.quantize_state_dict(sd, {}, rtn_plan)
+    art = tg.dequantize_state_dict(tensors, tg.meta_for_storage(meta))
+    for n in qat:
+        assert torch.equal(m.get_submodule(n).effective_weight(), art[n + ".weight"]), n
+    # straight-through: the gradient reaching W is the gradient at the quantized weights, unchanged
+    ids = token_ids(seed=5)
+    tgt = torch.roll(ids, -1, 1)
+    m(ids, tgt).backward()
+    _, ref = build(**QAT_SHAPE)
+    ref.load_state_dict({**sd, **{n + ".weight": art[n + ".weight"] for n in qat}})
+    ref(ids, tgt).backward()
+    for n in qat:
+        torch.testing.assert_close(m.get_submodule(n).weight.grad, ref.get_submodule(n).weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_qat_before_its_start_is_bit_identical_and_stores_nothing():
+    ids = token_ids(seed=6)
+    _, off = build(**QAT_SHAPE)
+    _, on = build(QAT=1, QAT_START_FRAC=0.5, **QAT_SHAPE)
+    perturb(off), perturb(on)
+    assert set(off.state_dict()) == set(on.state_dict())  # the mix buffers are not persistent (nor in the artifact)
+    assert not any(isinstance(mod, tg.CastedLinear) and mod.qat is not None for mod in off.modules())
+    assert torch.equal(_logits(on, ids), _logits(off, ids))
+    tg.set_qat(on, True)
+    assert not torch.equal(_logits(on, ids), _logits(off, ids))
+    tg.set_qat(on, False)
+    assert torch.equal(_logits(on, ids), _logits(off, ids))
+    with pytest.raises(tg.ConfigError, match="QAT_START_FRAC=1.0"):
+        make_cfg(QAT=1, QAT_START_FRAC=1.0)
+
+
+def test_qat_switch_does_not_recompile():
+    """The switch is a buffer value: the compiled graph (dynamo guards, seen through a counting backend) stays valid."""
+    import torch._dynamo
+    cfg, m = build(QAT=1, **QAT_SHAPE)
+    perturb(m, scale=0.05)
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        fwd = torch.compile(m, dynamic=False, backend=counting)
+        ids = token_ids(seed=7)
+        with torch.no_grad():
+            before = fwd(ids, torch.roll(ids, -1, 1))
+            tg.set_qat(m, True)
+            after = fwd(ids, torch.roll(ids, -1, 1))
+        assert len(graphs) == 1, f"{len(graphs)} graphs: switching QAT on recompiled"
+        assert not torch.equal(before, after)
+    finally:
+        torch._dynamo.reset()
+
+
+def _trainer(tmp_path, events, **kw):
+    cfg = make_cfg(ITERATIONS=8, WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, TRAIN_LOG_EVERY=100, GRAD_ACCUM_STEPS=1, **kw)
+    shard = tmp_path / "fineweb_train_000000.bin"
+    tg.write_shard(shard, torch.arange(6000).numpy() % 60 + 2)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, BOS)
+    tr = tg.Trainer(cfg, model, torch.device("cpu"), 0, 1, [str(shard)], tg.Logger(None, 0))
+    tr.log = lambda ev, **kv: events.append((ev, kv))
+    return tr
+
+
+def test_qat_switches_on_at_its_fraction_and_logs_it(tmp_path):
+    events = []
+    tr = _trainer(tmp_path, events, QAT=1, QAT_START_FRAC=0.5, QUANT="rtn", MATRIX_BITS=6, **QAT_SHAPE)
+    seen = []
+    orig = tr.step
+    tr.step = lambda step, *a: seen.append((step, float(tr.model.blocks[0].mlp.fc.qat_mix))) or orig(step, *a)
+    tr.train(None)
+    qat = [kv for ev, kv in events if ev == "qat"]
+    assert len(qat) == 1 and qat[0]["step"] == 4 and qat[0]["weights"] == 8 and qat[0]["bits"] == 6
+    assert seen == [(s, float(s >= 4)) for s in range(8)]
