@@ -121,6 +121,8 @@ FIELDS: list[Field] = [
         _f("LOOP_START", int, 3, "first looped physical layer"),
         _f("LOOP_END", int, 5, "last looped physical layer (inclusive)"),
         _f("ENABLE_LOOPING_AT", float, 0.35, "training fraction at which looping switches on (stays on for eval)"),
+        _f("GROW_LAYERS_FROM", int, 0, "progressive layer growing (PR #1125 row 38: 5 -> 11 at 60%): only the first N physical layers run and train until GROW_AT_FRAC, then all NUM_LAYERS, layer i starting as a copy of small layer i*N//L (weights, optimizer state, EMA); 0 = off"),
+        _f("GROW_AT_FRAC", float, 0.6, "training fraction at which the full depth switches on"),
         _f("PARALLEL_START_LAYER", int, 8, "two-lane parallel residual decoder from this physical layer; 0 = off"),
         _f("PARALLEL_MODE", str, "lanes", "lanes: two residual lanes, attention reads lane 0, MLP lane 1, learned mixes (PR #1204/#1529; decoder layers) | gptj: one stream, attention and MLP both read the block input and add into it (PR #1493/#1774; every layer from PARALLEL_START_LAYER)", choices=("lanes", "gptj")),
         _f("PARALLEL_RESID_INIT", float, 1.1, "init of the parallel-lane residual lambdas"),
@@ -536,6 +538,10 @@ class Config(ConfigValues):
             need(0 <= self.loop_start <= self.loop_end < self.num_layers, f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie in [0, NUM_LAYERS={self.num_layers})")
             need(0.0 <= self.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT must be in [0, 1]")
         need(self.num_loops >= 0, f"NUM_LOOPS={self.num_loops}: expected >= 0")
+        if self.grow_layers_from:
+            need(0 < self.grow_layers_from < self.num_layers, f"GROW_LAYERS_FROM={self.grow_layers_from}: expected 0 (off) or 1..NUM_LAYERS-1={self.num_layers - 1}")
+            need(0.0 <= self.grow_at_frac < 1.0, f"GROW_AT_FRAC={self.grow_at_frac}: expected [0, 1)")
+            need(self.num_loops == 0, f"GROW_LAYERS_FROM={self.grow_layers_from} with NUM_LOOPS={self.num_loops}: growing and depth recurrence do not combine; set NUM_LOOPS=0")
         need(0 <= self.parallel_start_layer < max(self.num_layers, 1) or self.parallel_start_layer == 0, f"PARALLEL_START_LAYER={self.parallel_start_layer}: expected 0 (off) or a layer index < NUM_LAYERS")
         need(self.train_seq_len >= 2 and self.train_batch_tokens >= self.train_seq_len, "TRAIN_BATCH_TOKENS must be >= TRAIN_SEQ_LEN >= 2")
         need(self.train_batch_tokens % self.train_seq_len == 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
@@ -1212,9 +1218,11 @@ def lane_mix(l0, l1, a, m, r, p) -> tuple[torch.Tensor, torch.Tensor]:
     return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
 
 
-def layer_order(cfg: Config, looping: bool) -> list[int]:
-    """Virtual layer sequence: [0..s-1] + [s..e] x (NUM_LOOPS+1) + [e+1..L-1] when looping."""
+def layer_order(cfg: Config, looping: bool, grown: bool = True) -> list[int]:
+    """Virtual layer sequence: [0..s-1] + [s..e] x (NUM_LOOPS+1) + [e+1..L-1] when looping; [0..N-1] before growing."""
     L = cfg.num_layers
+    if cfg.grow_layers_from and not grown:
+        return list(range(cfg.grow_layers_from))
     if not (looping and cfg.num_loops > 0):
         return list(range(L))
     s, e = cfg.loop_start, cfg.loop_end
@@ -1260,7 +1268,8 @@ class GPT(nn.Module):
         if cfg.value_residual:
             self.vr_lambdas = nn.Parameter(torch.full((L, 2), 0.5))
         self.blocks = nn.ModuleList(Block(cfg, i, kernels) for i in range(L))
-        n_skip = max(min(len(o) // 2, len(o) - len(o) // 2) for o in (layer_order(cfg, False), layer_order(cfg, True)))
+        orders = (layer_order(cfg, False), layer_order(cfg, True), layer_order(cfg, False, grown=False))
+        n_skip = max(min(len(o) // 2, len(o) - len(o) // 2) for o in orders)
         if cfg.unet_skips and n_skip:
             self.skip_weights = nn.Parameter(torch.ones(n_skip, dim))
             if cfg.skip_gates_enabled:
@@ -1269,6 +1278,7 @@ class GPT(nn.Module):
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), cfg.parallel_resid_init))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
         self.looping_active = False
+        self.grown = True  # GROW_LAYERS_FROM: the Trainer starts small and grows (eval and artifacts are full depth)
         if cfg.qat:
             enable_qat(self, cfg)
 
@@ -1325,7 +1335,7 @@ class GPT(nn.Module):
         if cfg.ve_layer_ids() and cfg.ve_dim > 0:
             ctx["ve_layer_scales"] = self.ve_layer_scales
             ctx["ve_shared"] = self.ve_scale * self.ve_proj(self.ve_shared(ids))
-        order = layer_order(cfg, self.looping_active)
+        order = layer_order(cfg, self.looping_active, self.grown)
         n_enc = len(order) // 2
         skips: list = []
         lanes = None
@@ -1405,6 +1415,35 @@ def fake_quant(w: torch.Tensor, spec: tuple) -> torch.Tensor:
     else:
         q, sc = quantize_rtn(w, int(spec[1]), float(spec[2]))
     return dequantize(q, sc, w.dtype)
+
+
+@torch.no_grad()
+def grow_layers(model: GPT, opts: Optimizers | None = None, averagers=()) -> list[int]:
+    """Progressive growing: block i of the full depth L becomes a copy of block i*N//L of the N trained ones, so each
+    small layer is stacked ~L/N times in order (0,0,1,1,...). Its optimizer state and EMA/SWA shadow move with it;
+    a tensor the source block lacks (a per-layer feature) keeps its own. Returns the source of every block."""
+    N, L = model.cfg.grow_layers_from, model.cfg.num_layers
+    src = [i * N // L for i in range(L)]
+    pairs = []  # (dst, src) parameters
+    for i, j in enumerate(src):
+        have = dict(model.blocks[j].named_parameters())
+        pairs += [(p, have[n]) for n, p in model.blocks[i].named_parameters() if n in have and have[n].shape == p.shape and i != j]
+    clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)  # noqa: E731
+    states = [(o.state, {id(ps): {k: clone(v) for k, v in o.state[ps].items()} for _, ps in pairs if ps in o.state})
+              for o in (opts.opts if opts is not None else [])]
+    index = {id(p): k for k, p in enumerate(model.parameters())}
+    shadows = [(a.shadow, {id(ps): a.shadow[index[id(ps)]].clone() for _, ps in pairs}) for a in averagers]
+    weights = {id(ps): ps.detach().clone() for _, ps in pairs}  # snapshot first: a block can be a source and a target
+    for pd, ps in pairs:
+        pd.copy_(weights[id(ps)])
+        for state, snap in states:
+            state.pop(pd, None)
+            if id(ps) in snap:
+                state[pd] = snap[id(ps)]
+        for shadow, snap in shadows:
+            shadow[index[id(pd)]].copy_(snap[id(ps)])
+    model.grown = True
+    return src
 
 
 @torch.no_grad()
@@ -1661,11 +1700,14 @@ class Trainer:
         self.fwd = torch.compile(model, dynamic=False) if use_compile else model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.fwd = DDP(self.fwd, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False, gradient_as_bucket_view=True)
+            self.fwd = DDP(self.fwd, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False, gradient_as_bucket_view=True,
+                           find_unused_parameters=bool(cfg.grow_layers_from))  # the layers not yet grown get no gradient
         self.opts = Optimizers(model, cfg, rank, world, ns_fn)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
         self.ema_live = False  # EMA_START_FRAC: the shadow restarts from the weights when training reaches it
         self.qat_on = False  # QAT: switched on (buffers) when training reaches QAT_START_FRAC
+        model.grown = not cfg.grow_layers_from  # GROW_LAYERS_FROM: start with the first N layers
+        self.ungrown = [p for b in model.blocks[cfg.grow_layers_from:] for p in b.parameters()] if cfg.grow_layers_from else []
         self.swa = SWA(model) if cfg.swa_enabled else None
         self.loader = self.new_loader()
 
@@ -1683,6 +1725,9 @@ class Trainer:
                 loss = self.fwd(x, y, self.model.masks(x, train=True, cu_seqlens=cu))
             (loss / self.accum).backward()
             total += loss.detach()
+        if not self.model.grown:  # layers not grown yet take no step (DDP may hand them zero gradients: no decay either)
+            for p in self.ungrown:
+                p.grad = None
         if self.cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
         self.opts.step(lr_mul, step, progress)
@@ -1706,17 +1751,19 @@ class Trainer:
             return
         model_state = copy.deepcopy(self.model.state_dict())
         opt_state = copy.deepcopy(self.opts.state_dict())
-        modes = [False, True] if cfg.num_loops > 0 else [False]
+        modes = [(False, True), (True, True)] if cfg.num_loops > 0 else [(False, True)]  # (looping, grown)
+        if cfg.grow_layers_from:
+            modes = [(False, False), (False, True)]
         t0 = time.perf_counter()
-        for looping in modes:
-            self.model.looping_active = looping
+        for looping, grown in modes:
+            self.model.looping_active, self.model.grown = looping, grown
             for i in range(cfg.warmup_steps):
                 self.step(i, 1.0)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.model.load_state_dict(model_state)
         self.opts.load_state_dict(opt_state)
-        self.model.looping_active = False
+        self.model.looping_active, self.model.grown = False, not cfg.grow_layers_from
         if self.ema is not None:
             self.ema, self.ema_live = EMA(self.model, cfg.ema_decay), False
         if self.swa is not None:
@@ -1753,6 +1800,10 @@ class Trainer:
             if cfg.num_loops > 0 and not self.model.looping_active and frac >= cfg.enable_looping_at:
                 self.model.looping_active = True
                 self.log("layer_loop", enabled=1, step=step, frac=frac)
+            if not self.model.grown and frac >= cfg.grow_at_frac:
+                src = grow_layers(self.model, self.opts, [a for a in (self.ema, self.swa) if a is not None])
+                self.log("grow", step=step, frac=frac, layers_from=cfg.grow_layers_from, layers_to=cfg.num_layers,
+                         source=",".join(map(str, src)))
             if cfg.qat and not self.qat_on and frac >= cfg.qat_start_frac:
                 self.qat_on = True
                 self.log("qat", enabled=1, step=step, frac=frac, weights=set_qat(self.model, True), quant=cfg.quant,

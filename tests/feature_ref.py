@@ -104,8 +104,10 @@ def spec_xsa(cfg, layer: int) -> bool:
     return n > 0 and layer >= cfg.num_layers - n
 
 
-def spec_order(cfg, looping: bool) -> list[int]:
+def spec_order(cfg, looping: bool, grown: bool = True) -> list[int]:
     L = cfg.num_layers
+    if cfg.grow_layers_from and not grown:  # progressive growing: the first N layers only
+        return list(range(cfg.grow_layers_from))
     if not looping or cfg.num_loops == 0:
         return list(range(L))
     out = [l for l in range(L) if l < cfg.loop_start]
@@ -264,7 +266,7 @@ def ref_logits(model, ids, looping: bool | None = None, doc_attention: bool | No
     doc = torch.cumsum((ids == bos).long(), 1) if (cfg.doc_attention if doc_attention is None else doc_attention) else None
     x = ref_embed(cfg, P, ids, bos)
     x0 = x
-    order = spec_order(cfg, looping)
+    order = spec_order(cfg, looping, getattr(model, "grown", True))
     n_enc = len(order) // 2
     skips, lanes, state = [], None, {}
     for vi, layer in enumerate(order):

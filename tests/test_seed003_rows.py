@@ -216,3 +216,72 @@ def test_qat_switches_on_at_its_fraction_and_logs_it(tmp_path):
     qat = [kv for ev, kv in events if ev == "qat"]
     assert len(qat) == 1 and qat[0]["step"] == 4 and qat[0]["weights"] == 8 and qat[0]["bits"] == 6
     assert seen == [(s, float(s >= 4)) for s in range(8)]
+
+
+# -- #38 progressive layer growing -------------------------------------------------------------------------------------
+
+def test_grow_small_model_matches_reference_and_off_is_unchanged():
+    ids = token_ids(seed=8)
+    cfg, m = build(NUM_LAYERS=5, GROW_LAYERS_FROM=2, UNET_SKIPS=1, XSA_LAST_N=2)
+    assert m.skip_weights.shape[0] == 2  # sized for the larger of the small (1) and full (2) U-Nets
+    perturb(m.double())
+    for grown in (False, True):
+        m.grown = grown
+        assert tg.layer_order(cfg, False, grown) == (list(range(5)) if grown else [0, 1])
+        torch.testing.assert_close(_logits(m, ids), ref_logits(m, ids), rtol=2e-5, atol=2e-5)
+    _, off = build(NUM_LAYERS=5, UNET_SKIPS=1, XSA_LAST_N=2)
+    perturb(off.double())
+    assert torch.equal(_logits(off, ids), _logits(m, ids))  # grown = the plain model
+    for bad, msg in ((dict(GROW_LAYERS_FROM=5), "GROW_LAYERS_FROM=5"), (dict(GROW_LAYERS_FROM=2, GROW_AT_FRAC=1.0), "GROW_AT_FRAC"),
+                     (dict(GROW_LAYERS_FROM=2, NUM_LOOPS=1, LOOP_START=0, LOOP_END=1), "do not combine")):
+        with pytest.raises(tg.ConfigError, match=msg):
+            make_cfg(NUM_LAYERS=5, **bad)
+
+
+def test_grow_copies_weights_optimizer_state_and_ema(tmp_path):
+    """Before GROW_AT_FRAC only the first N blocks train (the rest stay at init, without optimizer state); at it, block
+    i takes block i*N//L's weights, Muon/AdamW state and EMA shadow; then every block trains. event:grow says so."""
+    events = []
+    tr = _trainer(tmp_path, events, NUM_LAYERS=5, GROW_LAYERS_FROM=2, GROW_AT_FRAC=0.5, EMA_ENABLED=1, EMA_DECAY=0.9, UNET_SKIPS=1)
+    m, L = tr.model, 5
+    assert not m.grown
+    init = {n: p.detach().clone() for n, p in m.named_parameters()}
+    snap = {}
+    orig = tr.step
+
+    def step(s, *a):
+        out = orig(s, *a)
+        if s == 3:  # the last small step: remember the small model, its optimizer state and EMA
+            assert all(torch.equal(p, init[n]) for n, p in m.named_parameters() if n.startswith(("blocks.2.", "blocks.3.", "blocks.4.")))
+            assert not any(p in o.state for o in tr.opts.opts for p in m.blocks[2].parameters())
+            idx = {id(p): k for k, p in enumerate(m.parameters())}
+            for n, p in m.named_parameters():
+                st = {o: {k: v.clone() for k, v in o.state[p].items()} for o in tr.opts.opts if p in o.state}
+                snap[n] = (p.detach().clone(), st, tr.ema.shadow[idx[id(p)]].clone())
+        return out
+    grown_at = {}
+    real_grow = tg.grow_layers
+
+    def spy(model, opts, avgs):
+        src = real_grow(model, opts, avgs)
+        idx = {id(p): k for k, p in enumerate(model.parameters())}
+        for i, j in enumerate(src):
+            for n, p in model.blocks[i].named_parameters():
+                w, st, sh = snap[f"blocks.{j}.{n}"]
+                assert torch.equal(p, w) and torch.equal(tr.ema.shadow[idx[id(p)]], sh), (i, n)
+                for o in tr.opts.opts:
+                    assert (p in o.state) == (o in st)
+                    if p in o.state:
+                        assert all(torch.equal(o.state[p][k], v) for k, v in st[o].items()), (i, n)
+        grown_at["src"] = src
+        return src
+    tr.step = step
+    tg.grow_layers = spy
+    try:
+        tr.train(None)
+    finally:
+        tg.grow_layers = real_grow
+    assert grown_at["src"] == [i * 2 // L for i in range(L)] == [0, 0, 0, 1, 1]
+    grow = [kv for ev, kv in events if ev == "grow"]
+    assert len(grow) == 1 and grow[0]["step"] == 4 and grow[0]["source"] == "0,0,0,1,1" and m.grown
+    assert all(not torch.equal(p, init[n]) for n, p in m.named_parameters() if ".attn.c_q" in n or ".mlp.fc" in n)
