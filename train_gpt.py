@@ -121,6 +121,7 @@ FIELDS: list[Field] = [
         _f("LOOP_START", int, 3, "first looped physical layer"),
         _f("LOOP_END", int, 5, "last looped physical layer (inclusive)"),
         _f("ENABLE_LOOPING_AT", float, 0.35, "training fraction at which looping switches on (stays on for eval)"),
+        _f("LOOP_LORA_RANK", int, 0, "per-loop LoRA (PR #1125 row 39: recurrence 4x3 + LoRA16): each pass p of a looped layer uses W + B_p A_p on its q, k, v, attention proj, MLP fc and proj, so the passes differ; A random, B zero (equal passes at init); AdamW at SCALAR_LR, stored fp16; 0 = off"),
         _f("GROW_LAYERS_FROM", int, 0, "progressive layer growing (PR #1125 row 38: 5 -> 11 at 60%): only the first N physical layers run and train until GROW_AT_FRAC, then all NUM_LAYERS, layer i starting as a copy of small layer i*N//L (weights, optimizer state, EMA); 0 = off"),
         _f("GROW_AT_FRAC", float, 0.6, "training fraction at which the full depth switches on"),
         _f("PARALLEL_START_LAYER", int, 8, "two-lane parallel residual decoder from this physical layer; 0 = off"),
@@ -538,6 +539,8 @@ class Config(ConfigValues):
             need(0 <= self.loop_start <= self.loop_end < self.num_layers, f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie in [0, NUM_LAYERS={self.num_layers})")
             need(0.0 <= self.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT must be in [0, 1]")
         need(self.num_loops >= 0, f"NUM_LOOPS={self.num_loops}: expected >= 0")
+        need(self.loop_lora_rank >= 0, f"LOOP_LORA_RANK={self.loop_lora_rank}: expected >= 0")
+        need(not (self.loop_lora_rank and self.num_loops == 0), f"LOOP_LORA_RANK={self.loop_lora_rank} with NUM_LOOPS=0: no layer is looped")
         if self.grow_layers_from:
             need(0 < self.grow_layers_from < self.num_layers, f"GROW_LAYERS_FROM={self.grow_layers_from}: expected 0 (off) or 1..NUM_LAYERS-1={self.num_layers - 1}")
             need(0.0 <= self.grow_at_frac < 1.0, f"GROW_AT_FRAC={self.grow_at_frac}: expected [0, 1)")
@@ -971,15 +974,25 @@ class CastedLinear(nn.Module):
             nn.init.normal_(self.weight, std=in_f ** -0.5)
         self.shared: tuple[int, int, int] | None = None  # (heads, head_dim, shared_dims)
         self.qat: tuple | None = None  # QAT: this weight's quantization spec (enable_qat)
+        self.loop_rank = 0  # LOOP_LORA_RANK: per-pass deltas loop_b[p] @ loop_a[p] (add_loop_lora)
 
-    def effective_weight(self) -> torch.Tensor:
+    def add_loop_lora(self, passes: int, rank: int, gen: torch.Generator):
+        out_f, in_f = self.weight.shape
+        self.loop_a = nn.Parameter(torch.randn(passes, rank, in_f, generator=gen) * in_f ** -0.5)
+        self.loop_b = nn.Parameter(torch.zeros(passes, out_f, rank))  # zero: every pass starts as the shared weight
+        declare(self, loop_a="scalar/control", loop_b="scalar/control")
+        self.loop_rank = rank
+
+    def effective_weight(self, loop_pass: int | None = None) -> torch.Tensor:
         w = tie_shared_rows(self.weight, *self.shared) if self.shared else self.weight
         if self.qat is not None:  # QAT: w + mix (Q(w) - w), the difference detached (straight-through); mix 0 -> 1 at the start
             w = w + self.qat_mix * (fake_quant(w, self.qat) - w).detach()
+        if self.loop_rank and loop_pass is not None:  # per-loop LoRA of pass loop_pass (the artifact quantizes w only)
+            w = w + self.loop_b[loop_pass] @ self.loop_a[loop_pass]
         return w
 
-    def forward(self, x):
-        return F.linear(x, self.effective_weight().to(x.dtype))
+    def forward(self, x, loop_pass: int | None = None):
+        return F.linear(x, self.effective_weight(loop_pass).to(x.dtype))
 
 
 def lora_delta(ctx: dict | None, target: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -1093,9 +1106,10 @@ class Attention(nn.Module):
     def forward(self, h, x_in, ctx):
         B, T, _ = h.shape
         H, Hkv, D = self.H, self.Hkv, self.D
-        q = plus(self.c_q(h), lora_delta(ctx, "q", h)).view(B, T, H, D)
-        k = plus(self.c_k(h), lora_delta(ctx, "k", h)).view(B, T, Hkv, D)
-        v = plus(self.c_v(h), lora_delta(ctx, "v", h)).view(B, T, Hkv, D)
+        p = ctx.get("pass")  # which pass of a looped layer (per-loop LoRA)
+        q = plus(self.c_q(h, p), lora_delta(ctx, "q", h)).view(B, T, H, D)
+        k = plus(self.c_k(h, p), lora_delta(ctx, "k", h)).view(B, T, Hkv, D)
+        v = plus(self.c_v(h, p), lora_delta(ctx, "v", h)).view(B, T, Hkv, D)
         if self.has_ve:
             ve = self.ve_table(ctx["ids"]) if self.cfg.ve_dim == 0 else ctx["ve_shared"] * ctx["ve_layer_scales"][self.layer]
             ve = ve.view(B, T, Hkv, D).to(v.dtype)
@@ -1130,7 +1144,7 @@ class Attention(nn.Module):
             y = y * g.unsqueeze(-1).to(y.dtype)
         y = y.reshape(B, T, H * D)
         # TTT adapters: "proj" on the projection's input, "o" (record #1855) from the block's normalized input
-        return plus(plus(self.proj(y), lora_delta(ctx, "proj", y)), lora_delta(ctx, "o", h))
+        return plus(plus(self.proj(y, p), lora_delta(ctx, "proj", y)), lora_delta(ctx, "o", h))
 
 
 class MLP(nn.Module):
@@ -1145,17 +1159,18 @@ class MLP(nn.Module):
 
     def forward(self, x, ctx: dict | None = None):  # one code path for every slope (0 = relu^2)
         lora = ctx.get("lora") if ctx else None
+        p = ctx.get("pass") if ctx else None  # pass of a looped layer (per-loop LoRA)
         if lora and any(f"{ctx['vi']}.{t}" in lora["w"] for t in ("up", "down")):  # TTT adapters inside the MLP: torch path
-            u = plus(self.fc(x), lora_delta(ctx, "up", x))
+            u = plus(self.fc(x, p), lora_delta(ctx, "up", x))
             a = F.leaky_relu(u, self.slope).square()
-            return plus(self.proj(a), lora_delta(ctx, "down", a))
+            return plus(self.proj(a, p), lora_delta(ctx, "down", a))
         dgrad = self.kernels.mlp_dgrad if torch.is_grad_enabled() else None
         if dgrad is not None:
             dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-            w1, w2 = (lin.effective_weight().to(dt) for lin in (self.fc, self.proj))
+            w1, w2 = (lin.effective_weight(p).to(dt) for lin in (self.fc, self.proj))
             y = MLPFusedGrad.apply(x.to(dt).reshape(-1, x.size(-1)), w1, w2, self.slope, dgrad, None)
             return y.view(*x.shape[:-1], -1)
-        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+        return self.proj(F.leaky_relu(self.fc(x, p), self.slope).square(), p)
 
 
 class Block(nn.Module):
@@ -1164,6 +1179,10 @@ class Block(nn.Module):
         dim = cfg.model_dim
         self.kernels = kernels
         self.attn, self.mlp = Attention(cfg, layer, kernels), MLP(cfg, kernels)
+        if cfg.loop_lora_rank and cfg.num_loops and cfg.loop_start <= layer <= cfg.loop_end:  # one delta per pass
+            gen = torch.Generator().manual_seed((torch.initial_seed() + 1009 * (layer + 1)) % 2 ** 63)  # the trunk's init is untouched
+            for lin in (self.attn.c_q, self.attn.c_k, self.attn.c_v, self.attn.proj, self.mlp.fc, self.mlp.proj):
+                lin.add_loop_lora(cfg.num_loops + 1, cfg.loop_lora_rank, gen)
         if cfg.proj_init == "ortho_scaled":  # PR #487: orthogonal output projections scaled by 1/sqrt(2 L)
             with torch.no_grad():
                 for lin in (self.attn.proj, self.mlp.proj):
@@ -1342,6 +1361,7 @@ class GPT(nn.Module):
         for vi, li in enumerate(order):
             block = self.blocks[li]
             ctx["vi"] = vi  # TTT adapters are per virtual layer (a looped block gets one per pass)
+            ctx["pass"] = order[:vi].count(li)  # per-loop LoRA: the how-manieth visit of this block
             if vi >= n_enc:
                 j = vi - n_enc
                 parallel = cfg.parallel_start_layer > 0 and li >= cfg.parallel_start_layer and cfg.parallel_mode == "lanes"

@@ -258,6 +258,16 @@ def ref_embed(cfg, P, ids, bos=BOS):
     return x
 
 
+def ref_loop_lora(P, pre: str, visit: int):
+    """Per-loop LoRA (LOOP_LORA_RANK): the visit-th pass through a looped block uses W + B[visit] @ A[visit]."""
+    out = None
+    for lin in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"):
+        if pre + lin + ".loop_a" in P:
+            out = dict(P) if out is None else out
+            out[pre + lin + ".weight"] = P[pre + lin + ".weight"] + P[pre + lin + ".loop_b"][visit] @ P[pre + lin + ".loop_a"][visit]
+    return P if out is None else out
+
+
 def ref_logits(model, ids, looping: bool | None = None, doc_attention: bool | None = None):
     cfg = model.cfg
     P = dict(model.named_parameters())
@@ -291,8 +301,9 @@ def ref_logits(model, ids, looping: bool | None = None, doc_attention: bool | No
                 lanes = (cur, lanes[1])
             else:
                 x = cur
-        attn = lambda xin: (P[pre + "attn_scale"] * s_out) * ref_attention(cfg, P, layer, rms(xin) * s_in, xin, ids, state, doc)
-        mlp = lambda xin: (P[pre + "mlp_scale"] * s_out) * ref_mlp(P, pre + "mlp.", rms(xin) * s_in, cfg.leaky_slope)
+        Pv = ref_loop_lora(P, pre, order[:vi].count(layer))
+        attn = lambda xin: (P[pre + "attn_scale"] * s_out) * ref_attention(cfg, Pv, layer, rms(xin) * s_in, xin, ids, state, doc)
+        mlp = lambda xin: (P[pre + "mlp_scale"] * s_out) * ref_mlp(Pv, pre + "mlp.", rms(xin) * s_in, cfg.leaky_slope)
         if parallel:
             if lanes is None:
                 lanes = (x, x)

@@ -285,3 +285,45 @@ def test_grow_copies_weights_optimizer_state_and_ema(tmp_path):
     grow = [kv for ev, kv in events if ev == "grow"]
     assert len(grow) == 1 and grow[0]["step"] == 4 and grow[0]["source"] == "0,0,0,1,1" and m.grown
     assert all(not torch.equal(p, init[n]) for n, p in m.named_parameters() if ".attn.c_q" in n or ".mlp.fc" in n)
+
+
+# -- #39 depth recurrence + per-loop LoRA ------------------------------------------------------------------------------
+
+LOOP = dict(NUM_LOOPS=2, LOOP_START=1, LOOP_END=2, UNET_SKIPS=1)
+
+
+def test_loop_lora_matches_reference_per_pass():
+    cfg, m = build(LOOP_LORA_RANK=3, **LOOP)
+    lora = {n: p for n, p in m.named_parameters() if ".loop_" in n}
+    assert {n.split(".")[1] for n in lora} == {"1", "2"} and len(lora) == 2 * 6 * 2
+    a, b = m.blocks[1].mlp.fc.loop_a, m.blocks[1].mlp.fc.loop_b
+    assert a.shape == (3, 3, cfg.model_dim) and b.shape == (3, 64, 3) and not b.any()
+    assert all(tg.param_roles(m)[n] == ("scalar", "control") for n in lora)
+    plan = tg.quant_plan(cfg, tg.param_roles(m))
+    assert all(plan(n, p) == ("fp16",) for n, p in lora.items())
+    perturb(m.double())  # B != 0: every pass differs
+    ids = token_ids(seed=9)
+    for looping in (False, True):
+        m.looping_active = looping
+        torch.testing.assert_close(_logits(m, ids), ref_logits(m, ids), rtol=2e-5, atol=2e-5)
+    # passes really differ: the same model with every pass's delta set to pass 0's gives other logits
+    with torch.no_grad():
+        other = _logits(m, ids)
+        for n, p in lora.items():
+            p[1:] = p[:1].clone()
+        assert not torch.allclose(_logits(m, ids), other)
+
+
+def test_loop_lora_off_and_at_init_is_plain_recurrence():
+    ids = token_ids(seed=10)
+    _, plain = build(**LOOP)
+    _, init = build(LOOP_LORA_RANK=4, **LOOP)  # B = 0, and the trunk's init is the same (private generator)
+    assert all(torch.equal(p, dict(init.named_parameters())[n]) for n, p in plain.named_parameters())
+    for m in (plain, init):
+        m.looping_active = True
+    torch.testing.assert_close(_logits(init, ids), _logits(plain, ids), rtol=0, atol=1e-6)
+    _, off = build(LOOP_LORA_RANK=0, **LOOP)
+    off.looping_active = True
+    assert not any(".loop_" in n for n, _ in off.named_parameters()) and torch.equal(_logits(off, ids), _logits(plain, ids))
+    with pytest.raises(tg.ConfigError, match="LOOP_LORA_RANK=4 with NUM_LOOPS=0"):
+        make_cfg(LOOP_LORA_RANK=4)
