@@ -1826,8 +1826,10 @@ class Trainer:
                          source=",".join(map(str, src)))
             if cfg.qat and not self.qat_on and frac >= cfg.qat_start_frac:
                 self.qat_on = True
-                self.log("qat", enabled=1, step=step, frac=frac, weights=set_qat(self.model, True), quant=cfg.quant,
-                         bits=8 if cfg.quant == "int8" else cfg.matrix_bits)
+                n = set_qat(self.model, True)
+                self.log("qat", enabled=1, step=step, frac=frac, weights=n, quant=cfg.quant, bits=8 if cfg.quant == "int8" else cfg.matrix_bits)
+                if not n:
+                    self.log("warning", msg="QAT=1 but no block matrix is quantized (all are <= 65,536 elements or FP16_TENSORS): QAT changes nothing")
             avg_ms = elapsed_ms / max(step, 1)
             lr_mul = lr_multiplier(cfg, frac, step, avg_ms, budget_ms - elapsed_ms)
             loss = self.step(step, lr_mul, frac)
