@@ -123,6 +123,9 @@ FIELDS: list[Field] = [
         _f("LOOP_START", int, 3, "first looped physical layer"),
         _f("LOOP_END", int, 5, "last looped physical layer (inclusive)"),
         _f("ENABLE_LOOPING_AT", float, 0.35, "training fraction at which looping switches on (stays on for eval)"),
+        _f("LOOP_LORA_RANK", int, 0, "per-loop LoRA (PR #1125 row 39: recurrence 4x3 + LoRA16): each pass p of a looped layer uses W + B_p A_p on its q, k, v, attention proj, MLP fc and proj, so the passes differ; A random, B zero (equal passes at init); AdamW at SCALAR_LR, stored fp16; 0 = off"),
+        _f("GROW_LAYERS_FROM", int, 0, "progressive layer growing (PR #1125 row 38: 5 -> 11 at 60%): only the first N physical layers run and train until GROW_AT_FRAC, then all NUM_LAYERS, layer i starting as a copy of small layer i*N//L (weights, optimizer state, EMA); 0 = off"),
+        _f("GROW_AT_FRAC", float, 0.6, "training fraction at which the full depth switches on"),
         _f("PARALLEL_START_LAYER", int, 8, "two-lane parallel residual decoder from this physical layer; 0 = off"),
         _f("PARALLEL_MODE", str, "lanes", "lanes: two residual lanes, attention reads lane 0, MLP lane 1, learned mixes (PR #1204/#1529; decoder layers) | gptj: one stream, attention and MLP both read the block input and add into it (PR #1493/#1774; every layer from PARALLEL_START_LAYER)", choices=("lanes", "gptj")),
         _f("PARALLEL_RESID_INIT", float, 1.1, "init of the parallel-lane residual lambdas"),
@@ -137,6 +140,8 @@ FIELDS: list[Field] = [
         _f("ROPE_BASE", float, 10000.0, "RoPE base"),
         _f("ROPE_DIMS", int, 16, "rotate only the first ROPE_DIMS dims of each head; 0 = all", aliases=("PARTIAL_ROPE_DIMS",)),
         _f("XSA_LAST_N", int, -1, "exclusive self-attention on the last N physical layers; -1 = all, 0 = off", aliases=("XSA_LAYERS",)),
+        _f("XSA_GATE", bool, False, "XSA gating (PR #1125 row 41): a learned per-head strength of the XSA subtraction, y - sigmoid(a_h) (y.v^) v^ (needs XSA_LAST_N != 0)"),
+        _f("XSA_GATE_INIT", float, 0.0, "init of the XSA gate logits a_h (0: strength sigmoid(0) = 0.5; the PR gives no init, ours is a guess)"),
         _f("WINDOW_PATTERN", str, "L", "per-layer attention window, S/L string tiled over physical layers; last layer forced L"),
         _f("WINDOW_SHORT", int, 0, "S window in tokens; 0 = TRAIN_SEQ_LEN // 2"),
         _f("SHARED_HEAD_DIM", int, 0, "shared-specific Q/K: last S dims of every head tied to the cross-head mean (PR #1774); 0 = off"),
@@ -150,7 +155,7 @@ FIELDS: list[Field] = [
         _f("GATE_ATTN_SRC", str, "resid", "AttnOutGate input: resid (x_in, #1969) | proj (normed block input, #1667)", choices=("resid", "proj")),
         _f("SPARSE_ATTN_GATE_SCALE", float, 0.5, "scale inside the SparseAttnGate sigmoid"),
         _f("GATE_WIDTH", int, 12, "input width of the attention output gates (and default SmearGate width)", aliases=("GATE_WINDOW",)),
-        _f("DOC_ATTENTION", bool, False, "training attention never crosses a BOS: each micro-batch is one packed sequence, documents cut every TRAIN_SEQ_LEN tokens from their start (the records' varlen layout); varlen flash kernel when available"),
+        _f("DOC_ATTENTION", bool, True, "training attention never crosses a BOS: each micro-batch is one packed sequence, documents cut every TRAIN_SEQ_LEN tokens from their start (the records' varlen layout); varlen flash kernel when available"),
         _f("EVAL_DOC_ATTENTION", str, "auto", "eval/TTT windows: auto (as DOC_ATTENTION) | on (attention never crosses a BOS inside a window) | off (plain causal windows, as the records' sliding eval)", choices=("auto", "on", "off")),
     ]),
     *group("training", [  # training: batch, schedule, EMA
@@ -199,12 +204,16 @@ FIELDS: list[Field] = [
     ]),
     *group("quantization", [  # quantization and packing
         _f("QUANT", str, "gptq", "gptq | rtn (round-to-nearest on the same SDClip grid) | int8 (per-row absmax int8)", choices=("gptq", "rtn", "int8")),
+        _f("INT8_CLIP_PERCENTILE", float, 100.0, "QUANT=int8: clip each row of a quantized matrix at this percentile of |w| (linear interpolation, as torch.quantile) before scale = clip/127; 100 or 0 = absmax (the baseline script: 99.99984; PR #1125 row 31: 99.5)"),
+        _f("INT8_SCALE_FLOOR", float, 0.0, "QUANT=int8: lower bound of those rows' scales (the baseline script: 1/127 = 0.007874015748031496); 0 = none"),
         _f("MATRIX_BITS", int, 6, "bits of block matrices (5..8)"),
         _f("EMBED_BITS", int, 7, "bits of the token embedding (5..8)"),
         _f("MATRIX_CLIP_SIGMAS", float, 12.85, "SDClip k for other matrices (scale = k*std/qmax)"),
         _f("ATTN_CLIP_SIGMAS", float, 13.0, "SDClip k for attention matrices"),
         _f("MLP_CLIP_SIGMAS", float, 12.0, "SDClip k for MLP matrices (12 = the brotli-packed #1851/#1868 record; #1855 used 11.5 with lrzip)"),
         _f("EMBED_CLIP_SIGMAS", float, 15.0, "SDClip k for the embedding (15 with brotli as #1851/#1868; #1855 used 14 with lrzip)"),
+        _f("QAT", bool, False, "quantization-aware training (PR #1125 row 37): from QAT_START_FRAC on, every quantized block matrix is used through the artifact's round trip (RTN on its grid: MATRIX_BITS and the class clip, int8 rows for QUANT=int8), gradients straight through"),
+        _f("QAT_START_FRAC", float, 0.0, "training fraction at which QAT switches on (a buffer: no recompile; the PR gives no start)"),
         _f("GPTQ_CALIBRATION_BATCHES", int, 16, "training batches for the GPTQ Hessians"),
         _f("GPTQ_BLOCK_SIZE", int, 128, "GPTQ column block"),
         _f("GPTQ_DAMP", float, 0.01, "GPTQ damping as a fraction of mean(diag H)"),
@@ -218,7 +227,7 @@ FIELDS: list[Field] = [
         _f("BROTLI_LGWIN", int, 24, "brotli window log2 (10..24; brotli's own default is 22, the seeds' #1774/#1969)"),
         _f("LZMA_PRESET", int, 9, "lzma preset 0..9 (the seeds' #1774/#1969 use 6)"),
         _f("LZMA_EXTREME", bool, True, "lzma's EXTREME flag on top of LZMA_PRESET (the seeds use 0)"),
-        _f("COMPRESSOR", str, "brotli", "brotli (q11 + byte shuffle) | zstd | lzma | pergroup (int8 weights by role, rows L1-sorted, best codec per group incl. lrzip when installed: record #1855)", choices=("brotli", "zstd", "lzma", "pergroup")),
+        _f("COMPRESSOR", str, "brotli", "brotli (q11 + byte shuffle) | zstd | lzma | zlib (level 9: the baseline script and PR #1125) | pergroup (int8 weights by role, rows L1-sorted, best codec per group incl. lrzip when installed: record #1855)", choices=("brotli", "zstd", "lzma", "zlib", "pergroup")),
     ]),
     *group("eval", [  # evaluation
         _f("EVAL_SEQ_LEN", int, 2048, "eval context length"),
@@ -251,7 +260,7 @@ FIELDS: list[Field] = [
         _f("GLOBAL_TTT_CHUNK_TOKENS", int, 32768, "phased: tokens per global SGD step (the last chunk is not trained on)"),
         _f("GLOBAL_TTT_BATCH_SEQS", int, 32, "phased: sequences per forward in the global SGD (per rank)"),
         _f("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "phased: global SGD grad-norm clip; 0 = off"),
-        _f("TTT_COMPILE", bool, True, "torch.compile the TTT forward (dynamic shapes; CUDA with COMPILE=1 only), warmed up on random tokens outside the eval timer"),
+        _f("TTT_COMPILE", bool, False, "torch.compile the TTT forward (dynamic shapes; CUDA with COMPILE=1 only), warmed up on random tokens outside the eval timer; off by default: its compile is slower than the eager pass (BENCHMARKS.md, Phased TTT)"),
         _f("TTT_CHUNK_TOKENS", int, 32768, "chunked: val tokens scored per chunk before the LoRA trains on that chunk"),
         _f("TTT_EPOCHS", int, 1, "chunked: passes over each scored chunk"),
     ]),
@@ -555,6 +564,7 @@ class Config(ConfigValues):
         if self.shared_head_dim:
             need(rope + self.shared_head_dim <= D, f"ROPE_DIMS ({rope}) + SHARED_HEAD_DIM ({self.shared_head_dim}) must be <= head_dim {D}")
         need(-1 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n}: expected -1 (all), 0 (off) or 1..NUM_LAYERS={self.num_layers}")
+        need(not (self.xsa_gate and self.xsa_last_n == 0), "XSA_GATE=1 with XSA_LAST_N=0: there is no XSA subtraction to gate")
         need(self.logit_softcap >= 0, f"LOGIT_SOFTCAP={self.logit_softcap}: expected >= 0 (0 = off)")
         need(self.leaky_slope >= 0, f"LEAKY_SLOPE={self.leaky_slope}: expected >= 0")
         need(re.fullmatch(r"[SLsl]+", self.window_pattern) is not None, f"WINDOW_PATTERN={self.window_pattern!r}: expected a string of S and L")
@@ -588,6 +598,12 @@ class Config(ConfigValues):
             need(0 <= self.loop_start <= self.loop_end < self.num_layers, f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie in [0, NUM_LAYERS={self.num_layers})")
             need(0.0 <= self.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT must be in [0, 1]")
         need(self.num_loops >= 0, f"NUM_LOOPS={self.num_loops}: expected >= 0")
+        need(self.loop_lora_rank >= 0, f"LOOP_LORA_RANK={self.loop_lora_rank}: expected >= 0")
+        need(not (self.loop_lora_rank and self.num_loops == 0), f"LOOP_LORA_RANK={self.loop_lora_rank} with NUM_LOOPS=0: no layer is looped")
+        if self.grow_layers_from:
+            need(0 < self.grow_layers_from < self.num_layers, f"GROW_LAYERS_FROM={self.grow_layers_from}: expected 0 (off) or 1..NUM_LAYERS-1={self.num_layers - 1}")
+            need(0.0 <= self.grow_at_frac < 1.0, f"GROW_AT_FRAC={self.grow_at_frac}: expected [0, 1)")
+            need(self.num_loops == 0, f"GROW_LAYERS_FROM={self.grow_layers_from} with NUM_LOOPS={self.num_loops}: growing and depth recurrence do not combine; set NUM_LOOPS=0")
         need(0 <= self.parallel_start_layer < max(self.num_layers, 1) or self.parallel_start_layer == 0, f"PARALLEL_START_LAYER={self.parallel_start_layer}: expected 0 (off) or a layer index < NUM_LAYERS")
         need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN must be >= 2")
         if not self.train_seq_schedule.strip():  # with a schedule its lengths are the rows (checked below)
@@ -613,6 +629,11 @@ class Config(ConfigValues):
         need(0.0 <= self.ema_start_frac < 1.0, f"EMA_START_FRAC={self.ema_start_frac}: expected [0, 1)")
         need(not (self.swa_enabled and self.ema_enabled), "SWA_ENABLED=1 and EMA_ENABLED=1 both replace the final weights: enable one")
         need(self.swa_every >= 1, f"SWA_EVERY={self.swa_every}: expected >= 1")
+        need(0.0 <= self.qat_start_frac < 1.0, f"QAT_START_FRAC={self.qat_start_frac}: expected [0, 1)")
+        need(0.0 <= self.int8_clip_percentile <= 100.0, f"INT8_CLIP_PERCENTILE={self.int8_clip_percentile}: expected 0..100 (0 or 100 = absmax)")
+        need(self.int8_scale_floor >= 0.0, f"INT8_SCALE_FLOOR={self.int8_scale_floor}: expected >= 0")
+        if self.int8_clip_percentile not in (0.0, 100.0) or self.int8_scale_floor > 0:
+            need(self.quant == "int8", f"INT8_CLIP_PERCENTILE={self.int8_clip_percentile} / INT8_SCALE_FLOOR={self.int8_scale_floor} shape the QUANT=int8 quantizer: set QUANT=int8 (QUANT={self.quant})")
         for name in ("MATRIX_BITS", "EMBED_BITS"):
             need(5 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: expected 5..8")
         need(self.eval_seq_len >= 2 and 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
@@ -1052,12 +1073,26 @@ class CastedLinear(nn.Module):
         else:
             nn.init.normal_(self.weight, std=in_f ** -0.5)
         self.shared: tuple[int, int, int] | None = None  # (heads, head_dim, shared_dims)
+        self.qat: tuple | None = None  # QAT: this weight's quantization spec (enable_qat)
+        self.loop_rank = 0  # LOOP_LORA_RANK: per-pass deltas loop_b[p] @ loop_a[p] (add_loop_lora)
 
-    def effective_weight(self) -> torch.Tensor:
-        return tie_shared_rows(self.weight, *self.shared) if self.shared else self.weight
+    def add_loop_lora(self, passes: int, rank: int, gen: torch.Generator):
+        out_f, in_f = self.weight.shape
+        self.loop_a = nn.Parameter(torch.randn(passes, rank, in_f, generator=gen) * in_f ** -0.5)
+        self.loop_b = nn.Parameter(torch.zeros(passes, out_f, rank))  # zero: every pass starts as the shared weight
+        declare(self, loop_a="scalar/control", loop_b="scalar/control")
+        self.loop_rank = rank
 
-    def forward(self, x):
-        return F.linear(x, self.effective_weight().to(x.dtype))
+    def effective_weight(self, loop_pass: int | None = None) -> torch.Tensor:
+        w = tie_shared_rows(self.weight, *self.shared) if self.shared else self.weight
+        if self.qat is not None:  # QAT: w + mix (Q(w) - w), the difference detached (straight-through); mix 0 -> 1 at the start
+            w = w + self.qat_mix * (fake_quant(w, self.qat) - w).detach()
+        if self.loop_rank and loop_pass is not None:  # per-loop LoRA of pass loop_pass (the artifact quantizes w only)
+            w = w + self.loop_b[loop_pass] @ self.loop_a[loop_pass]
+        return w
+
+    def forward(self, x, loop_pass: int | None = None):
+        return F.linear(x, self.effective_weight(loop_pass).to(x.dtype))
 
 
 def lora_delta(ctx: dict | None, target: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -1119,11 +1154,13 @@ class Attention(nn.Module):
             self.q_gain = nn.Parameter(torch.full((H,), cfg.qk_gain_init))
         else:  # fixed: rebuilt from the config, not stored
             self.register_buffer("q_gain", torch.full((H,), cfg.qk_gain_init), persistent=False)
-        declare(self, q_gain="scalar/control", attn_gate_bias="scalar/control", attn_out_gate_w="scalar/gate", attn_gate_w="scalar/gate")
+        declare(self, q_gain="scalar/control", xsa_gate="scalar/control", attn_gate_bias="scalar/control", attn_out_gate_w="scalar/gate", attn_gate_w="scalar/gate")
         self.rotary = Rotary(cfg.rope_dims or D, cfg.rope_base, cfg.rope_table_len)
         self.window = cfg.layer_windows()[layer]
         n_xsa = cfg.num_layers if cfg.xsa_last_n < 0 else cfg.xsa_last_n
         self.xsa = layer >= cfg.num_layers - n_xsa
+        if self.xsa and cfg.xsa_gate:  # PR #1125 row 41: per-head strength of the subtraction, sigmoid(a_h)
+            self.xsa_gate = nn.Parameter(torch.full((H,), cfg.xsa_gate_init))
         if cfg.attn_gate == "gated":  # PR #487: sigmoid(W h + b), W (Muon) zero, b = 4
             self.attn_gate = CastedLinear(dim, H, "muon/gate", zero_init=True)
             self.attn_gate_bias = nn.Parameter(torch.full((H,), 4.0))
@@ -1169,9 +1206,10 @@ class Attention(nn.Module):
     def forward(self, h, x_in, ctx):
         B, T, _ = h.shape
         H, Hkv, D = self.H, self.Hkv, self.D
-        q = plus(self.c_q(h), lora_delta(ctx, "q", h)).view(B, T, H, D)
-        k = plus(self.c_k(h), lora_delta(ctx, "k", h)).view(B, T, Hkv, D)
-        v = plus(self.c_v(h), lora_delta(ctx, "v", h)).view(B, T, Hkv, D)
+        p = ctx.get("pass")  # which pass of a looped layer (per-loop LoRA)
+        q = plus(self.c_q(h, p), lora_delta(ctx, "q", h)).view(B, T, H, D)
+        k = plus(self.c_k(h, p), lora_delta(ctx, "k", h)).view(B, T, Hkv, D)
+        v = plus(self.c_v(h, p), lora_delta(ctx, "v", h)).view(B, T, Hkv, D)
         if self.has_ve:
             ve = self.ve_table(ctx["ids"]) if self.cfg.ve_dim == 0 else ctx["ve_shared"] * ctx["ve_layer_scales"][self.layer]
             ve = ve.view(B, T, Hkv, D).to(v.dtype)
@@ -1191,7 +1229,10 @@ class Attention(nn.Module):
         if self.xsa:  # remove the component along the token's own value direction (GQA-broadcast)
             yg = y.view(B, T, Hkv, H // Hkv, D)
             vn = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
-            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+            coef = (yg * vn).sum(-1, keepdim=True)
+            if self.cfg.xsa_gate:  # query head h = g * (H/Hkv) + j sits at [g, j] of the grouped view
+                coef = coef * torch.sigmoid(self.xsa_gate).to(y.dtype).view(Hkv, H // Hkv, 1)
+            y = (yg - coef * vn).view(B, T, H, D)
         if self.cfg.attn_gate == "gated":
             y = y * torch.sigmoid(self.attn_gate(h) + self.attn_gate_bias.to(h.dtype)).unsqueeze(-1).to(y.dtype)
         elif self.cfg.attn_gate == "out":
@@ -1203,7 +1244,7 @@ class Attention(nn.Module):
             y = y * g.unsqueeze(-1).to(y.dtype)
         y = y.reshape(B, T, H * D)
         # TTT adapters: "proj" on the projection's input, "o" (record #1855) from the block's normalized input
-        return plus(plus(self.proj(y), lora_delta(ctx, "proj", y)), lora_delta(ctx, "o", h))
+        return plus(plus(self.proj(y, p), lora_delta(ctx, "proj", y)), lora_delta(ctx, "o", h))
 
 
 class MLP(nn.Module):
@@ -1218,17 +1259,18 @@ class MLP(nn.Module):
 
     def forward(self, x, ctx: dict | None = None):  # one code path for every slope (0 = relu^2)
         lora = ctx.get("lora") if ctx else None
+        p = ctx.get("pass") if ctx else None  # pass of a looped layer (per-loop LoRA)
         if lora and any(f"{ctx['vi']}.{t}" in lora["w"] for t in ("up", "down")):  # TTT adapters inside the MLP: torch path
-            u = plus(self.fc(x), lora_delta(ctx, "up", x))
+            u = plus(self.fc(x, p), lora_delta(ctx, "up", x))
             a = F.leaky_relu(u, self.slope).square()
-            return plus(self.proj(a), lora_delta(ctx, "down", a))
+            return plus(self.proj(a, p), lora_delta(ctx, "down", a))
         dgrad = self.kernels.mlp_dgrad if torch.is_grad_enabled() else None
         if dgrad is not None:
             dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-            w1, w2 = (lin.effective_weight().to(dt) for lin in (self.fc, self.proj))
+            w1, w2 = (lin.effective_weight(p).to(dt) for lin in (self.fc, self.proj))
             y = MLPFusedGrad.apply(x.to(dt).reshape(-1, x.size(-1)), w1, w2, self.slope, dgrad, None)
             return y.view(*x.shape[:-1], -1)
-        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+        return self.proj(F.leaky_relu(self.fc(x, p), self.slope).square(), p)
 
 
 class Block(nn.Module):
@@ -1237,6 +1279,10 @@ class Block(nn.Module):
         dim = cfg.model_dim
         self.kernels = kernels
         self.attn, self.mlp = Attention(cfg, layer, kernels), MLP(cfg, kernels)
+        if cfg.loop_lora_rank and cfg.num_loops and cfg.loop_start <= layer <= cfg.loop_end:  # one delta per pass
+            gen = torch.Generator().manual_seed((torch.initial_seed() + 1009 * (layer + 1)) % 2 ** 63)  # the trunk's init is untouched
+            for lin in (self.attn.c_q, self.attn.c_k, self.attn.c_v, self.attn.proj, self.mlp.fc, self.mlp.proj):
+                lin.add_loop_lora(cfg.num_loops + 1, cfg.loop_lora_rank, gen)
         if cfg.proj_init == "ortho_scaled":  # PR #487: orthogonal output projections scaled by 1/sqrt(2 L)
             with torch.no_grad():
                 for lin in (self.attn.proj, self.mlp.proj):
@@ -1291,9 +1337,11 @@ def lane_mix(l0, l1, a, m, r, p) -> tuple[torch.Tensor, torch.Tensor]:
     return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
 
 
-def layer_order(cfg: Config, looping: bool) -> list[int]:
-    """Virtual layer sequence: [0..s-1] + [s..e] x (NUM_LOOPS+1) + [e+1..L-1] when looping."""
+def layer_order(cfg: Config, looping: bool, grown: bool = True) -> list[int]:
+    """Virtual layer sequence: [0..s-1] + [s..e] x (NUM_LOOPS+1) + [e+1..L-1] when looping; [0..N-1] before growing."""
     L = cfg.num_layers
+    if cfg.grow_layers_from and not grown:
+        return list(range(cfg.grow_layers_from))
     if not (looping and cfg.num_loops > 0):
         return list(range(L))
     s, e = cfg.loop_start, cfg.loop_end
@@ -1339,7 +1387,8 @@ class GPT(nn.Module):
         if cfg.value_residual:
             self.vr_lambdas = nn.Parameter(torch.full((L, 2), 0.5))
         self.blocks = nn.ModuleList(Block(cfg, i, kernels) for i in range(L))
-        n_skip = max(min(len(o) // 2, len(o) - len(o) // 2) for o in (layer_order(cfg, False), layer_order(cfg, True)))
+        orders = (layer_order(cfg, False), layer_order(cfg, True), layer_order(cfg, False, grown=False))
+        n_skip = max(min(len(o) // 2, len(o) - len(o) // 2) for o in orders)
         if cfg.unet_skips and n_skip:
             self.skip_weights = nn.Parameter(torch.ones(n_skip, dim))
             if cfg.skip_gates_enabled:
@@ -1348,6 +1397,9 @@ class GPT(nn.Module):
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), cfg.parallel_resid_init))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
         self.looping_active = False
+        self.grown = True  # GROW_LAYERS_FROM: the Trainer starts small and grows (eval and artifacts are full depth)
+        if cfg.qat:
+            enable_qat(self, cfg)
 
     def set_kernels(self, kernels: Kernels) -> GPT:
         """Attend / run the MLP backward with `kernels` (resolve_kernels for the model's device), before compile."""
@@ -1403,13 +1455,14 @@ class GPT(nn.Module):
         if cfg.ve_layer_ids() and cfg.ve_dim > 0:
             ctx["ve_layer_scales"] = self.ve_layer_scales
             ctx["ve_shared"] = self.ve_scale * self.ve_proj(self.ve_shared(ids))
-        order = layer_order(cfg, self.looping_active)
+        order = layer_order(cfg, self.looping_active, self.grown)
         n_enc = len(order) // 2
         skips: list = []
         lanes = None
         for vi, li in enumerate(order):
             block = self.blocks[li]
             ctx["vi"] = vi  # TTT adapters are per virtual layer (a looped block gets one per pass)
+            ctx["pass"] = order[:vi].count(li)  # per-loop LoRA: the how-manieth visit of this block
             if vi >= n_enc:
                 j = vi - n_enc
                 parallel = cfg.parallel_start_layer > 0 and li >= cfg.parallel_start_layer and cfg.parallel_mode == "lanes"
@@ -1453,6 +1506,65 @@ class GPT(nn.Module):
         logits = self.forward_logits(ids, masks, lora)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+def enable_qat(model: GPT, cfg: Config) -> None:
+    """Give every block matrix that the artifact quantizes its spec (from quant_plan) and a 0-d mix buffer (0 = off)."""
+    plan = quant_plan(cfg, param_roles(model))
+    for name, mod in model.blocks.named_modules(prefix="blocks"):
+        if isinstance(mod, CastedLinear):
+            spec = plan(f"{name}.weight", mod.weight)
+            if spec[0] in ("gptq", "rtn", "int8_row"):
+                mod.qat = spec
+                mod.register_buffer("qat_mix", torch.zeros(()), persistent=False)
+
+
+@torch.no_grad()
+def set_qat(model: GPT, on: bool) -> int:
+    """Switch QAT on or off in place (a buffer value: a compiled graph stays valid); returns the number of weights."""
+    mods = [m for m in model.modules() if isinstance(m, CastedLinear) and m.qat is not None]
+    for m in mods:
+        m.qat_mix.fill_(1.0 if on else 0.0)
+    return len(mods)
+
+
+def fake_quant(w: torch.Tensor, spec: tuple) -> torch.Tensor:
+    """The artifact's round trip of one weight: RTN on its SDClip grid (the GPTQ grid too: GPTQ itself is not
+    differentiable), or the int8 rows of QUANT=int8; in w's dtype."""
+    if spec[0] == "int8_row":
+        q, sc = quantize_int8_rows(w, *map(float, spec[1:3]))
+    else:
+        q, sc = quantize_rtn(w, int(spec[1]), float(spec[2]))
+    return dequantize(q, sc, w.dtype)
+
+
+@torch.no_grad()
+def grow_layers(model: GPT, opts: Optimizers | None = None, averagers=()) -> list[int]:
+    """Progressive growing: block i of the full depth L becomes a copy of block i*N//L of the N trained ones, so each
+    small layer is stacked ~L/N times in order (0,0,1,1,...). Its optimizer state and EMA/SWA shadow move with it;
+    a tensor the source block lacks (a per-layer feature) keeps its own. Returns the source of every block."""
+    N, L = model.cfg.grow_layers_from, model.cfg.num_layers
+    src = [i * N // L for i in range(L)]
+    pairs = []  # (dst, src) parameters
+    for i, j in enumerate(src):
+        have = dict(model.blocks[j].named_parameters())
+        pairs += [(p, have[n]) for n, p in model.blocks[i].named_parameters() if n in have and have[n].shape == p.shape and i != j]
+    clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)  # noqa: E731
+    states = [(o.state, {id(ps): {k: clone(v) for k, v in o.state[ps].items()} for _, ps in pairs if ps in o.state})
+              for o in (opts.opts if opts is not None else [])]
+    index = {id(p): k for k, p in enumerate(model.parameters())}
+    shadows = [(a.shadow, {id(ps): a.shadow[index[id(ps)]].clone() for _, ps in pairs}) for a in averagers]
+    weights = {id(ps): ps.detach().clone() for _, ps in pairs}  # snapshot first: a block can be a source and a target
+    for pd, ps in pairs:
+        pd.copy_(weights[id(ps)])
+        for state, snap in states:
+            state.pop(pd, None)
+            if id(ps) in snap:
+                state[pd] = snap[id(ps)]
+        for shadow, snap in shadows:
+            shadow[index[id(pd)]].copy_(snap[id(ps)])
+    model.grown = True
+    return src
 
 
 @torch.no_grad()
@@ -1687,30 +1799,14 @@ class Logger:
                 f.write(line + "\n")
 
 
-def train_warmup_plan(cfg: Config) -> list[tuple[int, bool]]:
-    """Every (sequence length, looping) pair the timed loop can meet, in schedule order: the compile warmup runs each,
-    so neither a TRAIN_SEQ_SCHEDULE change nor the loop switch compiles inside the timer. Phase k holds fractions
-    [start_k, start_k+1); looping is on from ENABLE_LOOPING_AT (never without NUM_LOOPS)."""
-    phases = cfg.train_seq_phases()
+def train_warmup_plan(cfg: Config) -> list[tuple[int, bool, bool]]:
+    """Every (sequence length, looping, grown) variant of the forward the timed loop can meet, in training order: the
+    compile warmup runs each, so no TRAIN_SEQ_SCHEDULE change, loop switch or growth compiles inside the timer. Each
+    switch is a step function of the training fraction, so the variants are the states at 0 and at every switch point."""
     loop_at = cfg.enable_looping_at if cfg.num_loops > 0 else math.inf
-    plan = []
-    for k, (L, start) in enumerate(phases):
-        end = phases[k + 1][1] if k + 1 < len(phases) else math.inf
-        if start < loop_at:
-            plan.append((L, False))
-        if loop_at < end:
-            plan.append((L, True))
-    return plan
-
-
-def cu_bucket(segments: int) -> int:
-    """Length of doc_cu_seqlens' padded vector for `segments` segments (a power of two >= 64)."""
-    return max(64, 1 << segments.bit_length())
-
-
-def pad_cu(cu: torch.Tensor, size: int) -> torch.Tensor:
-    """cu_seqlens padded with empty segments to `size` entries: the same attention, another compiled shape."""
-    return torch.cat([cu, cu[-1:].expand(size - len(cu))]) if size > len(cu) else cu
+    grow_at = cfg.grow_at_frac if cfg.grow_layers_from else 0.0
+    cuts = sorted({0.0, loop_at, grow_at, *(start for _, start in cfg.train_seq_phases())} - {math.inf})
+    return list(dict.fromkeys((cfg.train_seq_len_at(f), f >= loop_at, f >= grow_at) for f in cuts))
 
 
 def autocast_ctx(device):
@@ -1730,17 +1826,20 @@ class Trainer:
             raise ConfigError(err)
         self.local_tokens = cfg.train_batch_tokens // (world * self.accum)
         self.seq_len = cfg.train_seq_phases()[0][0]  # the training length in force (TRAIN_SEQ_SCHEDULE)
-        self.cu_sizes: set[int] = set()  # DOC_ATTENTION: cu_seqlens lengths the steps met (the warmup's bucket plan)
         self.train_files = train_files
         use_compile = cfg.compile and device.type == "cuda"
         ns_fn = torch.compile(newton_schulz) if use_compile else None
         self.fwd = torch.compile(model, dynamic=False) if use_compile else model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.fwd = DDP(self.fwd, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False, gradient_as_bucket_view=True)
+            self.fwd = DDP(self.fwd, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False, gradient_as_bucket_view=True,
+                           find_unused_parameters=bool(cfg.grow_layers_from))  # the layers not yet grown get no gradient
         self.opts = Optimizers(model, cfg, rank, world, ns_fn)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
         self.ema_live = False  # EMA_START_FRAC: the shadow restarts from the weights when training reaches it
+        self.qat_on = False  # QAT: switched on (buffers) when training reaches QAT_START_FRAC
+        model.grown = not cfg.grow_layers_from  # GROW_LAYERS_FROM: start with the first N layers
+        self.ungrown = [p for b in model.blocks[cfg.grow_layers_from:] for p in b.parameters()] if cfg.grow_layers_from else []
         self.swa = SWA(model) if cfg.swa_enabled else None
         self.loader = self.new_loader()
 
@@ -1758,8 +1857,6 @@ class Trainer:
         return 1 if self.cfg.doc_attention else self.local_tokens // self.seq_len
 
     def forward_backward(self, x, y, cu, div: int) -> torch.Tensor:
-        if cu is not None:
-            self.cu_sizes.add(cu.numel())
         with autocast_ctx(self.device):
             loss = self.fwd(x, y, self.model.masks(x, train=True, cu_seqlens=cu, seq_len=self.seq_len))
         (loss / div).backward()
@@ -1772,6 +1869,9 @@ class Trainer:
             sync = self.fwd.no_sync() if (self.world > 1 and micro < self.accum - 1) else contextlib.nullcontext()
             with sync:
                 total += self.forward_backward(x, y, cu, self.accum)
+        if not self.model.grown:  # layers not grown yet take no step (DDP may hand them zero gradients: no decay either)
+            for p in self.ungrown:
+                p.grad = None
         if self.cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
         self.opts.step(lr_mul, step, progress)
@@ -1788,47 +1888,26 @@ class Trainer:
             self.swa.update()
         return total / self.accum
 
-    def warm_cu_buckets(self) -> int:
-        """DOC_ATTENTION: the varlen step's cu_seqlens come padded to a power of two (doc_cu_seqlens), and each size
-        is its own compiled graph. One extra forward/backward per size from the fewest segments this length allows up
-        to twice the largest the warmup steps met (the max over ranks: every rank runs the same passes, as DDP needs),
-        on a real batch cut every seq_len tokens and padded. Gradients are dropped (the warmup rolls back anyway)."""
-        if not self.cfg.doc_attention or not self.cu_sizes:
-            return 0
-        top = torch.tensor(float(max(self.cu_sizes)), device=self.device)
-        if self.world > 1:
-            dist.all_reduce(top, op=dist.ReduceOp.MAX)
-        cut = torch.tensor(list(range(0, self.local_tokens, self.seq_len)) + [self.local_tokens], dtype=torch.int32, device=self.device)
-        size, passes = cu_bucket(len(cut) - 1), 0
-        while size <= 2 * int(top.item()):
-            x, y, _ = self.loader.next()
-            self.forward_backward(x, y, pad_cu(cut, size), 1)
-            self.opts.zero_grad()
-            size, passes = 2 * size, passes + 1
-        return passes
-
     def warmup(self):
-        """Prime torch.compile on real steps for every (length, loop mode) pair of train_warmup_plan (and, with
-        DOC_ATTENTION, every cu_seqlens bucket of each length), then restore every state and the loader."""
+        """Prime torch.compile on real steps for every (length, loop mode, depth) variant of train_warmup_plan, then
+        restore every state and the loader."""
         cfg = self.cfg
         if cfg.warmup_steps <= 0:
             return
         model_state = copy.deepcopy(self.model.state_dict())
         opt_state = copy.deepcopy(self.opts.state_dict())
         plan = train_warmup_plan(cfg)
-        t0, cu_passes = time.perf_counter(), 0
-        for seq_len, looping in plan:
+        t0 = time.perf_counter()
+        for seq_len, looping, grown in plan:
             self.set_seq_len(seq_len)
-            self.model.looping_active = looping
-            self.cu_sizes.clear()
+            self.model.looping_active, self.model.grown = looping, grown
             for i in range(cfg.warmup_steps):
                 self.step(i, 1.0)
-            cu_passes += self.warm_cu_buckets()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.model.load_state_dict(model_state)
         self.opts.load_state_dict(opt_state)
-        self.model.looping_active = False
+        self.model.looping_active, self.model.grown = False, not cfg.grow_layers_from
         if self.ema is not None:
             self.ema, self.ema_live = EMA(self.model, cfg.ema_decay), False
         if self.swa is not None:
@@ -1836,10 +1915,8 @@ class Trainer:
         self.loader.close()
         self.seq_len = cfg.train_seq_phases()[0][0]
         self.loader = self.new_loader()
-        extra = dict(plan=",".join(f"{L}/{'on' if lp else 'off'}" for L, lp in plan)) if cfg.train_seq_schedule.strip() else {}
-        if cu_passes:
-            extra["cu_passes"] = cu_passes
-        self.log("warmup", steps=cfg.warmup_steps, loop_modes=len({lp for _, lp in plan}), steps_run=cfg.warmup_steps * len(plan),
+        extra = dict(plan=",".join(f"{L}/{'on' if lp else 'off'}" for L, lp, _ in plan)) if cfg.train_seq_schedule.strip() else {}
+        self.log("warmup", steps=cfg.warmup_steps, loop_modes=len({(lp, gr) for _, lp, gr in plan}), steps_run=cfg.warmup_steps * len(plan),
                  seconds=time.perf_counter() - t0, rolled_back=1, **extra)
 
     def hard_stop_margin_ms(self, elapsed_ms: float, steps: int) -> float:
@@ -1874,6 +1951,16 @@ class Trainer:
                 self.set_seq_len(cfg.train_seq_len_at(frac))
                 seq_changed = step if step > 0 else None  # the first length is no change: no re-warm
                 self.log("seq_len", step=step, seq_len=self.seq_len, rows=self.rows, frac=frac)
+            if not self.model.grown and frac >= cfg.grow_at_frac:
+                src = grow_layers(self.model, self.opts, [a for a in (self.ema, self.swa) if a is not None])
+                self.log("grow", step=step, frac=frac, layers_from=cfg.grow_layers_from, layers_to=cfg.num_layers,
+                         source=",".join(map(str, src)))
+            if cfg.qat and not self.qat_on and frac >= cfg.qat_start_frac:
+                self.qat_on = True
+                n = set_qat(self.model, True)
+                self.log("qat", enabled=1, step=step, frac=frac, weights=n, quant=cfg.quant, bits=8 if cfg.quant == "int8" else cfg.matrix_bits)
+                if not n:
+                    self.log("warning", msg="QAT=1 but no block matrix is quantized (all are <= 65,536 elements or FP16_TENSORS): QAT changes nothing")
             avg_ms = elapsed_ms / max(step, 1)
             lr_mul = lr_multiplier(cfg, frac, step, avg_ms, budget_ms - elapsed_ms)
             if seq_changed is not None and step - seq_changed < cfg.seq_change_warmup_steps:  # re-warm after a length change
@@ -2000,6 +2087,29 @@ def quantize_absmax_rows(W: torch.Tensor, bits: int = 8):
     W2 = _as_rows(W.detach()).float()
     scale = _fp16_scale(W2.abs().amax(dim=1) / qmax if W2.shape[1] else W2.new_ones(W2.shape[0]))
     return _round_to_grid(W2, scale, qmax).to(torch.int8).reshape(W.shape), scale
+
+
+def row_percentile(a: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Per-row percentile of a (rows, cols) with linear interpolation between order statistics (torch.quantile's
+    default), by sort: torch.quantile refuses inputs of more than 2^24 elements (a large embedding)."""
+    srt = a.sort(dim=1).values
+    # the rank in fp32 as torch.quantile computes it; numpy, not a tensor, so a compiled QAT forward needs no host sync
+    pos = np.float32(percentile / 100.0) * np.float32(a.size(1) - 1)
+    lo = min(int(np.floor(pos)), a.size(1) - 1)
+    hi = min(lo + 1, a.size(1) - 1)
+    return torch.lerp(srt[:, lo], srt[:, hi], float(pos - np.float32(lo)))
+
+
+def quantize_int8_rows(W: torch.Tensor, percentile: float = 100.0, floor: float = 0.0):
+    """The baseline script's int8: each row clipped at the `percentile`-th percentile of |w|, scale = max(clip/127,
+    floor). Absmax without a floor (100 or 0, 0) is quantize_absmax_rows, unchanged."""
+    if percentile in (0.0, 100.0) and floor <= 0:
+        return quantize_absmax_rows(W, 8)
+    W2 = _as_rows(W.detach()).float()
+    clip = W2.abs().amax(dim=1) if percentile in (0.0, 100.0) or W2.shape[1] < 2 else row_percentile(W2.abs(), percentile)
+    scale = _fp16_scale(torch.clamp(clip / 127, min=floor))
+    W2 = torch.minimum(torch.maximum(W2, -clip[:, None]), clip[:, None])
+    return _round_to_grid(W2, scale, 127).to(torch.int8).reshape(W.shape), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -2161,7 +2271,7 @@ def select_lqer_targets(errors: dict, top_k: int) -> list:
 # plan(name, tensor) -> spec  (or a dict name -> spec), where spec is one of
 #   ("gptq", bits, clip_sigmas[, damp])  GPTQ with hessians[name]   -> name.q int8, name.scale fp16
 #   ("rtn", bits, clip_sigmas)           round-to-nearest, same grid -> name.q, name.scale
-#   ("int8_row",)                        per-row absmax/127          -> name.q, name.scale
+#   ("int8_row"[, percentile, floor])    per-row absmax/127 (clip at a percentile of |w|, scale floor) -> name.q, name.scale
 #   ("fp16",) / ("bf16",) / ("fp32",)    cast passthrough            -> name
 #   ("raw",)                             stored unchanged (any packable dtype) -> name
 # LQER factors of a target go to name.lqer.{a_q,a_s,b_q,b_s}.
@@ -2239,7 +2349,7 @@ def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: in
                 kind = entry["scheme"] = "rtn"
                 st["fallback"] = "no hessian"
             if kind == "int8_row":
-                q, s = quantize_absmax_rows(W, 8)
+                q, s = quantize_int8_rows(W, *map(float, spec[1:3]))
             else:
                 bits, k = int(spec[1]), float(spec[2])
                 entry.update(bits=bits, clip_sigmas=k)
@@ -2386,8 +2496,9 @@ def quant_plan(cfg: Config, roles: Mapping[str, tuple[str, str]]) -> Callable:
             return ("fp16",)
         cls = roles[name][1] if name in roles else "control"
         big = t.ndim == 2 and t.numel() > 65536
-        if cfg.quant == "int8" and big:
-            return ("int8_row",)
+        if cfg.quant == "int8" and big:  # the clip options only when set: today's spec (and artifact bytes) otherwise
+            clipped = cfg.int8_clip_percentile not in (0.0, 100.0) or cfg.int8_scale_floor > 0
+            return ("int8_row", cfg.int8_clip_percentile, cfg.int8_scale_floor) if clipped else ("int8_row",)
         kind = "gptq" if cfg.quant == "gptq" else "rtn"
         if cls == "tok_emb":
             return (kind if cfg.tie_embeddings else "rtn", eb, cfg.embed_clip_sigmas)
@@ -2952,7 +3063,7 @@ def compile_ttt(model: GPT, backend="inductor"):
     return torch.compile(model, dynamic=True, backend=backend)
 
 
-def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
+def warm_ttt(fwd, model: GPT, cfg: Config, device, log: Logger | None = None) -> float:
     """Compile warmup of the TTT forward on RANDOM tokens (never validation data), outside the eval timer: one batch
     of random documents through ttt_score_batch itself (a full-batch step, windows growing to TTT_EVAL_SEQ_LEN, the
     padded few-row steps, a last untrained chunk, a document of every TTT_CHUNK_SCHEDULE class) and a global-SGD
@@ -2981,12 +3092,20 @@ def warm_ttt(fwd, model: GPT, cfg: Config, device) -> float:
         for i in range(0, len(docs), per):  # more classes than slots: several batches
             ttt_score_batch(fwd, model, cfg, adapters, stream.to(device), docs[i:i + per], _WarmBytes(), device, acc, None,
                             min_rows=2 if fwd is not model else 1)
+        if log is not None:  # which stage the compile time goes to (one line each)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            log("ttt_warmup_stage", stage="lora_batch", seconds=time.perf_counter() - t0)
         if cfg.ttt_mode == "phased" and cfg.phased_ttt_num_phases > 0:
             freeze_base(model, False)
             x = torch.randint(0, cfg.vocab_size, (min(cfg.global_ttt_batch_seqs, max(1, cfg.global_ttt_chunk_tokens // W)), W + 1), generator=g).to(device)
             with autocast_ctx(device):
                 fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1], doc=True), "none", None).mean().backward()
             model.zero_grad(set_to_none=True)
+            if log is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                log("ttt_warmup_stage", stage="global_sgd", seconds=time.perf_counter() - t0)
     finally:
         freeze_base(model, False)
     if device.type == "cuda":
@@ -3071,7 +3190,7 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     ttt_fwd = None
     if cfg.ttt_enabled and cfg.ttt_mode == "phased":  # the phased forward sees a new window length every chunk step
         ttt_fwd = compile_ttt(model) if use_compile and cfg.ttt_compile else model
-        ttt_warm_s = warm_ttt(ttt_fwd, model, cfg, device)
+        ttt_warm_s = warm_ttt(ttt_fwd, model, cfg, device, log)
         log("ttt_warmup", seconds=ttt_warm_s, compiled=ttt_fwd is not model, chunk_sizes=",".join(map(str, cfg.ttt_chunk_sizes())),
             note="random_tokens_no_val_data_outside_the_eval_timer")
         warm_s += ttt_warm_s
@@ -3162,6 +3281,9 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
         failed = verdicts.get(device.index or 0) if device.type == "cuda" else None
         if failed:
             log("warning", msg=f"{what}: {failed}")
+    if device.type == "cuda" and cfg.doc_attention and kernels.varlen is None:
+        log("warning", msg="DOC_ATTENTION=1 without a varlen flash kernel (flash-attn 3 or flash-attn-4): document masks "
+                           "instead, a much slower step (BENCHMARKS.md); install one, or DOC_ATTENTION=0 (attention crosses documents)")
     base = dict(run_id=run_dir.name, seed=cfg.seed, code_sha256=code_sha, code_bytes=len(code), config=cfg.to_dict(), world_size=world,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch_version=torch.__version__,
                 cuda_version=torch.version.cuda, max_wallclock_seconds=cfg.max_wallclock_seconds, max_eval_seconds=cfg.max_eval_seconds,
@@ -3189,6 +3311,7 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     periodic = (lambda: evaluate(model, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world)[:2]) if cfg.val_loss_every > 0 else None
     trainer.warmup()
     stats = trainer.train(periodic)
+    set_qat(model, False)  # QAT off again: prequant eval and GPTQ Hessians see the float weights the artifact quantizes
 
     # EMA weights replace the live ones; SHD rows are baked before the Hessians see the model.
     if trainer.ema is not None:
@@ -3419,6 +3542,9 @@ class Kernels:
             if cu_seqlens is None:
                 cu_seqlens = torch.from_numpy(doc_cu_seqlens(x.detach().cpu().numpy(), bos_id, max_len)).to(x.device)
             if self.varlen is not None:
+                # one compiled graph for every cu_seqlens length: a micro-batch with more documents than any warmup
+                # batch had (the next power-of-two bucket) recompiled the whole step inside the timed loop
+                torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
                 return {"varlen": (cu_seqlens, max_len)}
             return build_masks(cfg, x.size(1), x.device, segment_ids(cu_seqlens, x.shape), self.flex)
         if (self.flash is not None and x.is_cuda) or not any(cfg.layer_windows()):
@@ -4185,7 +4311,7 @@ def _pergroup_tensors(blob: bytes, header: dict, pos: int) -> tuple:
 # ---- byte shuffle + compression ------------------------------------------------------------------
 
 BSHF_MAGIC, BLOB_MAGIC = b"BSHF", b"PGZ"
-_CODEC_IDS = {"none": b"N", "brotli": b"B", "zstd": b"Z", "lzma": b"X"}
+_CODEC_IDS = {"none": b"N", "brotli": b"B", "zstd": b"Z", "lzma": b"X", "zlib": b"D"}
 
 
 def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
@@ -4237,6 +4363,8 @@ def compress_blob(raw: bytes, compressor: str = "brotli", shuffle: int = 2, lgwi
         payload = _import_codec("zstandard", "zstandard").ZstdCompressor(level=22).compress(raw)
     elif compressor == "lzma":
         payload = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=lzma_preset)
+    elif compressor == "zlib":
+        payload = zlib.compress(raw, 9)
     else:
         payload = raw
     return BLOB_MAGIC + _CODEC_IDS[compressor] + payload
@@ -4267,6 +4395,14 @@ def _bounded_decode(codec: str, payload: bytes, cap: int) -> bytes:
             raise over
         if not d.eof:
             raise ValueError("lzma payload is truncated")
+        return out
+    if codec == "zlib":
+        d = zlib.decompressobj()
+        out = d.decompress(payload, cap + 1)
+        if len(out) > cap:
+            raise over
+        if not d.eof:
+            raise ValueError("zlib payload is truncated")
         return out
     if codec == "zstd":
         reader = _import_codec("zstandard", "zstandard").ZstdDecompressor().stream_reader(payload)

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             r = dict(val_loss=loss, val_bpb=bpb, tokens=int(sum(n for _, n in chunks)), chunks=len(chunks))
         else:
             fwd = tg.compile_ttt(model) if use_compile and cfg.ttt_compile else model
-            warm = tg.warm_ttt(fwd, model, cfg, device)
+            warm = tg.warm_ttt(fwd, model, cfg, device, log)
             log("ttt_warmup", seconds=warm, compiled=fwd is not model)
             t0 = time.perf_counter()
             out = tg.eval_ttt_phased(model, val, cfg, luts, device, 0, 1, log, fwd)

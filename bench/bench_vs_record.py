@@ -8,7 +8,8 @@ step count and schedule; per-step training loss, pre-quant val loss / val_bpb, m
 The record (default ../shared/reference/records/pr1855_train_gpt.py) runs with every hyperparameter its published
 seed log prints (the log's "Hyperparameters:" block, keys the script reads from the environment), except the run
 settings both get alike: SEED, ITERATIONS (step-based schedule, MAX_WALLCLOCK_SECONDS=0), TRAIN_BATCH_TOKENS,
-TRAIN_SEQ_LEN, WARMUP_STEPS, logging, no TTT, non-CaseOps sp8192 data (CASEOPS_ENABLED=0), and PREQUANT_ONLY=1
+TRAIN_SEQ_LEN, WARMUP_STEPS, logging, no TTT, plain sp8192 data with a byte sidecar (CASEOPS_ENABLED=1 only moves its byte
+count to the sidecar, which its pre-quant eval needs), and PREQUANT_ONLY=1
 (stop after the EMA pre-quant eval). It imports `flash_attn_interface` from bench/fa_standin (FA4 through
 train_gpt's wrapper when usable: the same kernel as ours). Ours runs with its defaults plus DOC_ATTENTION=1 (the
 record's in-document training layout) and EVAL_DOC_ATTENTION=off (the record's plain causal pre-quant eval), QUANT=rtn
@@ -79,11 +80,32 @@ def prepare_data(source: Path, tokenizer: Path, out: Path, micro_tokens: int, se
     tg.write_shard(out / "fineweb_train_000000.bin", train)
     tg.write_shard(out / "fineweb_val_000000.bin", val)
     shutil.copyfile(tokenizer, out / "tokenizer.model")
+    sidecar = write_byte_sidecar(val, tokenizer, out / "fineweb_val_bytes_000000.bin")
     info = dict(train_tokens=int(train.size), train_docs=int((train == bos_id).sum()), micro_span=span,
                 micro_batches_per_epoch=int(train.size // span), val_tokens=int(val.size), val_targets=int(n_val),
-                source=str(source), tokenizer=str(tokenizer))
+                val_bytes=sidecar, source=str(source), tokenizer=str(tokenizer))
     (out / "prepared.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def write_byte_sidecar(val: np.ndarray, tokenizer: Path, path: Path) -> int | None:
+    """The record's pre-quant eval (eval_val) reads the per-token byte sidecar unconditionally, also on plain
+    (non-CaseOps) data, where it is None and the run dies after training. Write one from the tokenizer's byte rule
+    (entry j = bytes charged for token j after token j-1; 0 for the first), the same counts our LUTs give, and run
+    the record with CASEOPS_ENABLED=1 (which only switches its byte counting to the sidecar). Returns the byte total
+    of the val targets, or None (no sidecar) when the tokenizer cannot be read."""
+    try:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    except (ImportError, OSError, RuntimeError):
+        return None
+    luts = tg.build_byte_luts(sp, sp.vocab_size())
+    per = np.zeros(val.size, dtype=np.int64)
+    per[1:] = tg.target_bytes(val[:-1].astype(np.int64), val[1:].astype(np.int64), luts)
+    if per.max(initial=0) > np.iinfo(np.uint16).max:
+        raise SystemExit(f"{tokenizer}: a token of more than 65535 bytes: no uint16 sidecar")
+    tg.write_shard(path, per.astype(np.uint16))
+    return int(per.sum())
 
 
 # ---------------------------------------------------------------------------------------------- environments
@@ -459,7 +481,8 @@ def main(argv=None) -> int:
         loop_at = 0.35 if part == "loss" else 0.5
         env = run_env(a.data, seed, steps, bt, a.seq_len, a.warmup, log_every, loop_at)
         if which == "record":
-            env = {**rec_env, **env, "CASEOPS_ENABLED": "0", "PREQUANT_ONLY": "1", "ARTIFACT_DIR": str(runs_dir / f"rec_{part}_{seed}"),
+            caseops = "1" if (a.data / "fineweb_val_bytes_000000.bin").is_file() else "0"  # bytes from the sidecar (write_byte_sidecar)
+            env = {**rec_env, **env, "CASEOPS_ENABLED": caseops, "PREQUANT_ONLY": "1", "ARTIFACT_DIR": str(runs_dir / f"rec_{part}_{seed}"),
                    "RUN_ID": f"rec_{part}_{seed}", "PYTHONPATH": os.pathsep.join([str(STANDIN), os.environ.get("PYTHONPATH", "")]),
                    **extra(a.record_set)}
             cmd, stop = [a.python, str(a.record)], r"PREQUANT_ONLY=1|diagnostic pre-quantization post-ema"

@@ -104,8 +104,10 @@ def spec_xsa(cfg, layer: int) -> bool:
     return n > 0 and layer >= cfg.num_layers - n
 
 
-def spec_order(cfg, looping: bool) -> list[int]:
+def spec_order(cfg, looping: bool, grown: bool = True) -> list[int]:
     L = cfg.num_layers
+    if cfg.grow_layers_from and not grown:  # progressive growing: the first N layers only
+        return list(range(cfg.grow_layers_from))
     if not looping or cfg.num_loops == 0:
         return list(range(L))
     out = [l for l in range(L) if l < cfg.loop_start]
@@ -222,7 +224,8 @@ def ref_attention(cfg, P, layer, h, x_in, ids, state, doc):
         for hh in range(H):
             vv = v[:, :, hh // (H // Hkv)]
             vhat = vv / vv.norm(dim=-1, keepdim=True)
-            y[:, :, hh] = y[:, :, hh] - (y[:, :, hh] * vhat).sum(-1, keepdim=True) * vhat
+            strength = torch.sigmoid(P[pre + "xsa_gate"][hh]) if cfg.xsa_gate else 1.0  # PR #1125 row 41
+            y[:, :, hh] = y[:, :, hh] - strength * (y[:, :, hh] * vhat).sum(-1, keepdim=True) * vhat
     if cfg.attn_gate == "gated":
         y = y * torch.sigmoid(h @ P[pre + "attn_gate.weight"].T + P[pre + "attn_gate_bias"])[..., None]
     elif cfg.attn_gate == "out":
@@ -255,6 +258,16 @@ def ref_embed(cfg, P, ids, bos=BOS):
     return x
 
 
+def ref_loop_lora(P, pre: str, visit: int):
+    """Per-loop LoRA (LOOP_LORA_RANK): the visit-th pass through a looped block uses W + B[visit] @ A[visit]."""
+    out = None
+    for lin in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"):
+        if pre + lin + ".loop_a" in P:
+            out = dict(P) if out is None else out
+            out[pre + lin + ".weight"] = P[pre + lin + ".weight"] + P[pre + lin + ".loop_b"][visit] @ P[pre + lin + ".loop_a"][visit]
+    return P if out is None else out
+
+
 def ref_logits(model, ids, looping: bool | None = None, doc_attention: bool | None = None):
     cfg = model.cfg
     P = dict(model.named_parameters())
@@ -263,7 +276,7 @@ def ref_logits(model, ids, looping: bool | None = None, doc_attention: bool | No
     doc = torch.cumsum((ids == bos).long(), 1) if (cfg.doc_attention if doc_attention is None else doc_attention) else None
     x = ref_embed(cfg, P, ids, bos)
     x0 = x
-    order = spec_order(cfg, looping)
+    order = spec_order(cfg, looping, getattr(model, "grown", True))
     n_enc = len(order) // 2
     skips, lanes, state = [], None, {}
     for vi, layer in enumerate(order):
@@ -288,8 +301,9 @@ def ref_logits(model, ids, looping: bool | None = None, doc_attention: bool | No
                 lanes = (cur, lanes[1])
             else:
                 x = cur
-        attn = lambda xin: (P[pre + "attn_scale"] * s_out) * ref_attention(cfg, P, layer, rms(xin) * s_in, xin, ids, state, doc)
-        mlp = lambda xin: (P[pre + "mlp_scale"] * s_out) * ref_mlp(P, pre + "mlp.", rms(xin) * s_in, cfg.leaky_slope)
+        Pv = ref_loop_lora(P, pre, order[:vi].count(layer))
+        attn = lambda xin: (P[pre + "attn_scale"] * s_out) * ref_attention(cfg, Pv, layer, rms(xin) * s_in, xin, ids, state, doc)
+        mlp = lambda xin: (P[pre + "mlp_scale"] * s_out) * ref_mlp(Pv, pre + "mlp.", rms(xin) * s_in, cfg.leaky_slope)
         if parallel:
             if lanes is None:
                 lanes = (x, x)

@@ -117,6 +117,35 @@ def test_prepare_data_aligns_both_loaders(tmp_path):
         assert np.array_equal(x[0].numpy(), span[:-1]) and np.array_equal(y[0].numpy(), span[1:]), i
 
 
+TOK8192 = SHARED / "data" / "tokenizers" / "fineweb_8192_bpe.model"
+
+
+@pytest.mark.skipif(not TOK8192.exists(), reason="../shared/data/tokenizers is absent (the challenge sp8192 tokenizer)")
+def test_prepare_data_writes_the_byte_sidecar_the_record_eval_reads(tmp_path):
+    """The record's pre-quant eval reads a byte sidecar even on plain data (without one it died after 200 steps on the
+    H200). prepare_data writes it from the tokenizer's byte rule: its per-target counts are our LUT counts, and
+    train_gpt loads it for the same val shard."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(TOK8192))
+    text = ["Hello world, this is a test.", "Zweite Zeile: Grüße, naïve café — ok?", "  spaces  and\ttabs\n"] * 40
+    ids = [t for doc in text for t in [1] + sp.encode(doc)]
+    src = tmp_path / "src"
+    src.mkdir()
+    tg.write_shard(src / "fineweb_train_000000.bin", np.array(ids * 3))
+    tg.write_shard(src / "fineweb_val_000000.bin", np.array(ids))
+    out = tmp_path / "prepared"
+    info = bvr.prepare_data(src, TOK8192, out, 256, 64)
+    val = np.asarray(tg.load_shard(out / "fineweb_val_000000.bin")).astype(np.int64)
+    side = tg.load_val_byte_sidecar(str(out), val.size)
+    luts = tg.build_byte_luts(sp, 8192)
+    assert side is not None and side[0] == 0
+    assert np.array_equal(side[1:], tg.target_bytes(val[:-1], val[1:], luts))
+    assert info["val_bytes"] == int(side.sum()) > 0
+    # on text without a partial first document the counts are the UTF-8 bytes of the decoded text
+    assert info["val_bytes"] == sum(len(sp.decode([int(t) for t in val[a + 1:b]]).encode()) for a, b in
+                                    zip(*(lambda s: (s, np.append(s[1:], val.size)))(np.flatnonzero(val == 1))))
+
+
 @pytest.mark.skipif(not RECORDS.exists(), reason="../shared/reference/records is absent (the record scripts and logs)")
 @pytest.mark.parametrize("script,log", list(bvr.RECORD_LOGS.items()))
 def test_record_hparams_env_and_alignment(script, log):

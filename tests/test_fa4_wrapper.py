@@ -358,3 +358,44 @@ def test_fa4_check_covers_varlen(fa4, monkeypatch):
     monkeypatch.setattr(tg, "FA4_CHECK", {})
     why = tg.fa4_check(torch.device("cpu"))
     assert why is not None and why.startswith("varlen differs from masked SDPA"), why
+
+
+@pytest.mark.parametrize("mark", [True, False])
+def test_compiled_doc_attention_step_has_one_graph_for_every_cu_seqlens_bucket(fa4, monkeypatch, mark):
+    """DOC_ATTENTION's cu_seqlens are padded to power-of-two buckets; a training micro-batch with more documents than
+    the warmup's batches lands in a new bucket. Without a dynamic cu_seqlens length that is a recompile of the whole
+    step inside the timed loop (38.6 s on the H200): Kernels.masks marks the length dynamic, so the first compile
+    serves every bucket. A counting backend sees dynamo's graphs on the CPU; mark=False shows the recompile."""
+    import torch._dynamo
+    from feature_ref import BOS, V, build
+    fn, interface = fa4
+    cfg, m = build(DOC_ATTENTION=1, TRAIN_SEQ_LEN=256, TRAIN_BATCH_TOKENS=512, WINDOW_PATTERN="L")
+    monkeypatch.setattr(tg, "varlen_kernel", lambda cfg, device=None: fn.varlen)
+    m.set_kernels(tg.resolve_kernels(cfg, "cpu"))
+    if not mark:
+        monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda t, dim: None)
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fwd = torch.compile(m, backend=counting)
+    g = torch.Generator().manual_seed(0)
+    sizes = []
+    try:
+        for n_docs in (10, 100, 200):  # 11 / 101 / 201 segments: buckets 64, 128, 256
+            x = torch.randint(2, V, (1, 512), generator=g)
+            x[0, torch.randperm(512, generator=g)[:n_docs]] = BOS
+            y = torch.roll(x, -1, 1)
+            masks = m.masks(x, train=True)
+            sizes.append(masks["varlen"][0].numel())
+            fwd(x, y, masks).backward()
+    finally:
+        torch._dynamo.reset()
+    assert len(set(sizes)) == 3, sizes
+    if mark:
+        assert len(graphs) == 1, f"{len(graphs)} graphs for cu_seqlens lengths {sizes}: a new bucket recompiled"
+    else:
+        assert len(graphs) > 1, "without the dynamic mark a new bucket should recompile (else this test shows nothing)"

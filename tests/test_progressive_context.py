@@ -14,7 +14,7 @@ from test_ttt import run_phased, setup  # noqa: F401  (the smoke-model fixture o
 
 CPU = torch.device("cpu")
 TINY = dict(VOCAB_SIZE="64", NUM_LAYERS="4", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="4", LOOP_START="1",
-            LOOP_END="2", NUM_LOOPS="1", PARALLEL_START_LAYER="3", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="384", EVAL_SEQ_LEN="64", TTT_EVAL_SEQ_LEN="64",
+            LOOP_END="2", NUM_LOOPS="1", PARALLEL_START_LAYER="3", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="384", EVAL_SEQ_LEN="64", TTT_EVAL_SEQ_LEN="64", DOC_ATTENTION="0",
             EVAL_STRIDE="16", COMPILE="0", GRAD_ACCUM_STEPS="1", MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="0",
             ITERATIONS="20", WARMUP_STEPS="1", TRAIN_LOG_EVERY="1", PREFETCH_BATCHES="2", ENABLE_LOOPING_AT="0.5")
 SCHED = "64@0,128@0.25,192@0.5"  # 384 tokens per step: 6, 3, 2 rows
@@ -149,23 +149,29 @@ def test_schedule_off_and_one_phase_schedule_train_identically(shard):
         assert log.of("seq_len") == [dict(step=0, seq_len=64, rows=1 if doc == "1" else 6, frac=0.0)]
 
 
-def reachable_pairs(cfg, n=4000):
-    """The (length, looping) pairs of the timed loop at fractions 0, 1/n, ..., the way Trainer.train decides them."""
+def reachable(cfg, n=4000):
+    """The (length, looping, grown) variants of the timed loop at fractions 0, 1/n, ..., as Trainer.train decides them."""
     loop_at = cfg.enable_looping_at if cfg.num_loops > 0 else float("inf")
-    return {(cfg.train_seq_len_at(k / n), k / n >= loop_at) for k in range(n)}
+    grow_at = cfg.grow_at_frac if cfg.grow_layers_from else 0.0
+    return {(cfg.train_seq_len_at(k / n), k / n >= loop_at, k / n >= grow_at) for k in range(n)}
 
 
-@pytest.mark.parametrize("env", [{}, dict(ENABLE_LOOPING_AT="0"), dict(NUM_LOOPS="0"), dict(TRAIN_SEQ_SCHEDULE="1024@0,2048@0.1,3072@0.7"),
-                                 dict(TRAIN_SEQ_SCHEDULE="1024@0,2048@0.1,3072@0.7", ENABLE_LOOPING_AT="0.05"),
-                                 dict(TRAIN_SEQ_SCHEDULE="1024@0,2048@0.1,3072@0.7", ENABLE_LOOPING_AT="0.1"),
-                                 dict(TRAIN_SEQ_SCHEDULE="1024@0,3072@0.5", ENABLE_LOOPING_AT="1.0")])
-def test_warmup_plan_is_every_reachable_pair(env):
+S3 = "1024@0,2048@0.1,3072@0.7"
+
+
+@pytest.mark.parametrize("env", [{}, dict(ENABLE_LOOPING_AT="0"), dict(NUM_LOOPS="0"), dict(TRAIN_SEQ_SCHEDULE=S3),
+                                 dict(TRAIN_SEQ_SCHEDULE=S3, ENABLE_LOOPING_AT="0.05"), dict(TRAIN_SEQ_SCHEDULE=S3, ENABLE_LOOPING_AT="0.1"),
+                                 dict(TRAIN_SEQ_SCHEDULE="1024@0,3072@0.5", ENABLE_LOOPING_AT="1.0"),
+                                 dict(TRAIN_SEQ_SCHEDULE=S3, NUM_LOOPS="0", GROW_LAYERS_FROM="6", GROW_AT_FRAC="0.4")])
+def test_warmup_plan_is_every_reachable_variant(env):
     cfg = tg.Config.from_env(env)
     plan = tg.train_warmup_plan(cfg)
-    assert len(plan) == len(set(plan)) and set(plan) >= reachable_pairs(cfg)
-    assert set(plan) <= reachable_pairs(cfg) | {(L, True) for L, _ in cfg.train_seq_phases()[-1:]}  # looping at 1.0: warmed anyway
+    assert len(plan) == len(set(plan)) and set(plan) >= reachable(cfg)
+    assert set(plan) <= reachable(cfg) | {(3072, True, True)}  # ENABLE_LOOPING_AT=1.0: the last step may still switch
     if not env:
-        assert plan == [(2048, False), (2048, True)]  # as before the schedule: both loop modes
+        assert plan == [(2048, False, True), (2048, True, True)]  # as before the schedule: both loop modes
+    if "GROW_LAYERS_FROM" in env:
+        assert plan == [(1024, False, False), (2048, False, False), (2048, False, True), (3072, False, True)]
 
 
 def fake_varlen(q, k, v, cu, max_seqlen, window=0):
@@ -178,11 +184,12 @@ def fake_varlen(q, k, v, cu, max_seqlen, window=0):
     return F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=m, enable_gqa=k.size(1) != q.size(1))[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize("doc", ["0", "1"])
-def test_compile_warmup_leaves_nothing_to_compile_in_the_timed_loop(shard, doc):
+@pytest.mark.parametrize("doc,control", [("0", False), ("1", False), ("0", True)])
+def test_compile_warmup_leaves_nothing_to_compile_in_the_timed_loop(shard, doc, control, monkeypatch):
     """A counting torch.compile backend (the dynamo guards of the GPU run, on the CPU): after Trainer.warmup the timed
     loop, which meets three lengths and the loop switch, compiles no graph. DOC_ATTENTION=1 runs a varlen stand-in, so
-    cu_seqlens' padded size and the cut length reach the graph: a batch padded to the next bucket compiles nothing."""
+    the cut length (one graph per length) and cu_seqlens' padded size (dynamic) reach the graph. Control: a warmup of
+    the first variant only leaves the timed loop compiling (the counting backend sees what the GPU run would)."""
     import torch._dynamo
     cfg = tiny(TRAIN_SEQ_SCHEDULE=SCHED, DOC_ATTENTION=doc, ITERATIONS="14", ENABLE_LOOPING_AT="0.6")
     torch.manual_seed(0)
@@ -200,20 +207,25 @@ def test_compile_warmup_leaves_nothing_to_compile_in_the_timed_loop(shard, doc):
         log = Events()
         tr = tg.Trainer(cfg, model, CPU, 0, 1, shard, log)
         tr.fwd = torch.compile(model, dynamic=False, backend=counting)
+        plan = [(64, False, True), (128, False, True), (192, False, True), (192, True, True)]
+        assert tg.train_warmup_plan(cfg) == plan
+        if control:
+            monkeypatch.setattr(tg, "train_warmup_plan", lambda c: plan[:1])
         tr.warmup()
         warm = len(graphs)
-        plan = [(64, False), (128, False), (192, False), (192, True)]
-        assert tg.train_warmup_plan(cfg) == plan and warm >= len(plan)
         tr.train(None)
+        if control:
+            assert len(graphs) >= warm + 3, "the control should compile the three variants it did not warm"
+            return
+        assert warm >= len(plan)
         assert len(graphs) == warm, f"the timed loop compiled {len(graphs) - warm} graph(s)"
         assert [e["seq_len"] for e in log.of("seq_len")] == [64, 128, 192] and log.of("layer_loop")
         w = log.of("warmup")[0]
         assert w["steps_run"] == len(plan) and w["plan"] == "64/off,128/off,192/off,192/on"
-        if doc == "1":
-            assert w["cu_passes"] >= len(plan)
+        if doc == "1":  # a micro-batch with more documents: the next cu_seqlens bucket (Kernels.masks marks it dynamic)
             x, y, cu = tg.DistributedLoader(shard, 0, 1, 384, 192, CPU, prefetch=0, doc=(1, 192)).next()
-            tr.forward_backward(x, y, tg.pad_cu(cu, 2 * len(cu)), 1)
-            assert len(graphs) == warm, "the next cu_seqlens bucket was not warmed"
+            tr.forward_backward(x, y, torch.cat([cu, cu[-1:].expand(len(cu))]), 1)
+            assert len(graphs) == warm, "a new cu_seqlens length compiled"
     finally:
         torch._dynamo.reset()
 
@@ -319,6 +331,7 @@ def test_warm_ttt_covers_every_chunk_class_and_nothing_recompiles(setup):  # noq
         tg.warm_ttt(fwd, model, cfg, CPU)
         assert set(seen) == {4, 8, 16}, "warm_ttt must run a document of every chunk size"
         warm = len(graphs)
+        assert warm == 1, f"the warmup compiled {warm} graphs (one dynamic graph expected)"
         tg.eval_ttt_phased(model, val, cfg, luts, CPU, 0, 1, fwd=fwd)
     finally:
         tg.ttt_score_batch = score

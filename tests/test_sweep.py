@@ -73,9 +73,14 @@ def test_seed003_rows_are_cumulative():
     grid = sweep.load_grid(EXPERIMENTS / "seed003_pr1125.toml")
     ids = [r.id for r in grid.rows]
     nums = {int(i.split("-")[0]) for i in ids if i[:2].isdigit()}
-    # rows 0-29 (30 TurboQuant and 31 int8 clip percentile need missing features), plus the 60-min rows
-    # 35 (late-start EMA) and 40 (cosine warmdown)
-    assert nums == set(range(0, 30)) | {35, 40}
+    # rows 0-31 but 30 (TurboQuant: not defined by the seed), plus the 60-min rows 35 (late-start EMA), 37 (int6 QAT),
+    # 38 (progressive growing), 39 (recurrence + per-loop LoRA), 40 (cosine warmdown) and 41 (XSA gating); 32 MUD is not defined
+    assert nums == set(range(0, 32)) - {30} | {35, 37, 38, 39, 40, 41}
+    assert grid.base["QUANT"] == "int8" and grid.base["COMPRESSOR"] == "zlib" and grid.base["INT8_CLIP_PERCENTILE"] == "99.99984"
+    r31 = grid.row("31-int8clip99.5").env
+    assert r31["INT8_CLIP_PERCENTILE"] == "99.5" and r31["QK_GAIN_INIT"] == "4.0" and "TIED_EMBED_LR" not in r31
+    assert grid.row("41-xsa-gate").env["XSA_GATE"] == "1" and grid.row("38-grow5to11").env["GROW_LAYERS_FROM"] == "5"
+    assert grid.row("39-recur4x3-lora16").env["LOOP_LORA_RANK"] == "16" and grid.row("37-int6-qat").env["QAT"] == "1"
     assert grid.row("08-swa").env["SWA_ENABLED"] == "1" and grid.row("40-cosine-warmdown").env["WARMDOWN_SHAPE"] == "cosine"
     r25 = grid.row("25-qk4").env
     assert r25["QK_GAIN_INIT"] == "4.0" and r25["MUON_WD"] == "0.06" and r25["WARMDOWN_ITERS"] == "200"
