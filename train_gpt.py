@@ -220,6 +220,10 @@ FIELDS: list[Field] = [
         _f("LQER_RANK", int, 4, "LQER rank"),
         _f("LQER_TOP_K", int, 3, "LQER on the K tensors with the largest error"),
         _f("LQER_GROUP", int, 64, "LQER INT4 group size", aliases=("LQER_ASYM_GROUP",)),
+        _f("AWQ_LITE_ENABLED", bool, False, "AWQ-lite inside GPTQ (PR #1908): in every GPTQ matrix the AWQ_LITE_GROUP_TOP_K most salient groups of AWQ_LITE_GROUP_SIZE input columns (group score = sum over its columns j of sqrt(H_jj) * mean_r |W_rj|: activation RMS x weight magnitude) are quantized at AWQ_LITE_BITS on the row's own clip range, in the same GPTQ solve"),
+        _f("AWQ_LITE_BITS", int, 8, "AWQ-lite: bits of the salient column groups (> MATRIX_BITS, <= 8); a tensor already at these bits is left as is"),
+        _f("AWQ_LITE_GROUP_TOP_K", int, 1, "AWQ-lite: salient column groups per matrix"),
+        _f("AWQ_LITE_GROUP_SIZE", int, 64, "AWQ-lite: consecutive input columns per group"),
         _f("BROTLI_LGWIN", int, 24, "brotli window log2 (10..24; brotli's own default is 22, the seeds' #1774/#1969)"),
         _f("LZMA_PRESET", int, 9, "lzma preset 0..9 (the seeds' #1774/#1969 use 6)"),
         _f("LZMA_EXTREME", bool, True, "lzma's EXTREME flag on top of LZMA_PRESET (the seeds use 0)"),
@@ -238,10 +242,12 @@ FIELDS: list[Field] = [
         _f("TTT_LORA_RANK", int, 80, "TTT LoRA rank"),
         _f("TTT_LORA_ALPHA", float, 144.0, "LoRA output scale = alpha / rank"),
         _f("TTT_LR", float, 1e-4, "TTT LoRA AdamW LR", aliases=("TTT_LORA_LR",)),
+        _f("TTT_LOCAL_LR_MULT", float, 1.0, "the LoRA AdamW LR is TTT_LR times this (PR #1953: 0.75); the global SGD keeps GLOBAL_TTT_LR"),
         _f("TTT_BETA1", float, 0.0, "TTT AdamW beta1"),
         _f("TTT_BETA2", float, 0.99, "TTT AdamW beta2"),
         _f("TTT_WEIGHT_DECAY", float, 0.5, "TTT AdamW weight decay"),
         _f("TTT_TARGETS", str, "q,k,v,o,mlp,head", "LoRA adapters per virtual layer: q,k,v (on the projections), o (block's normalized input -> attention output), mlp (MLP input -> MLP output), proj / up / down (on attn.proj / mlp.fc / mlp.proj), head (on the logits)"),
+        _f("TTT_MASK", str, "none", "none | no_qv: drop q and v from TTT_TARGETS (PR #1953: no Q/V LoRA)", choices=("none", "no_qv")),
         _f("TTT_WARM_START_A", bool, True, "phased: keep each document slot's A across batches (B and the AdamW state reset per batch); A is re-drawn after each global phase"),
         _f("TTT_DOCS_PER_BATCH", int, 64, "phased: documents adapted together (each with its own LoRA slice)", aliases=("TTT_BATCH_SIZE",)),
         _f("TTT_CHUNK_SIZE", int, 48, "phased: targets scored per step of a document before its LoRA trains on them"),
@@ -255,6 +261,7 @@ FIELDS: list[Field] = [
         _f("GLOBAL_TTT_CHUNK_TOKENS", int, 32768, "phased: tokens per global SGD step (the last chunk is not trained on)"),
         _f("GLOBAL_TTT_BATCH_SEQS", int, 32, "phased: sequences per forward in the global SGD (per rank)"),
         _f("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "phased: global SGD grad-norm clip; 0 = off"),
+        _f("ASYM_LOGIT_RESCALE", bool, False, "AsymLogit (PR #1923/#1945): eval and TTT use c+ tanh(z/c+) for logits z >= 0 and c- tanh(z/c-) below, two learnable scalars made at artifact load (not stored), both = LOGIT_SOFTCAP (the plain softcap); trained only by the phased global SGD phases, never by the LoRA or the main training"),
         _f("TTT_COMPILE", bool, False, "torch.compile the TTT forward (dynamic shapes; CUDA with COMPILE=1 only), warmed up on random tokens outside the eval timer; off by default: its compile is slower than the eager pass (BENCHMARKS.md, Phased TTT)"),
         _f("TTT_CHUNK_TOKENS", int, 32768, "chunked: val tokens scored per chunk before the LoRA trains on that chunk"),
         _f("TTT_EPOCHS", int, 1, "chunked: passes over each scored chunk"),
@@ -458,6 +465,12 @@ class Config(ConfigValues):
     def smear_width(self) -> int:
         return self.smear_gate_width or self.gate_width
 
+    @property
+    def ttt_target_list(self) -> list[str]:
+        """TTT_TARGETS as a list, less q and v with TTT_MASK=no_qv."""
+        drop = {"q", "v"} if self.ttt_mask == "no_qv" else set()
+        return [t for t in (t.strip() for t in self.ttt_targets.split(",")) if t and t not in drop]
+
     def layer_windows(self) -> list[int]:
         """Per physical layer: window in tokens, 0 = full causal context. Last layer is always L."""
         pat = self.window_pattern.upper()
@@ -564,12 +577,20 @@ class Config(ConfigValues):
             need(self.quant == "int8", f"INT8_CLIP_PERCENTILE={self.int8_clip_percentile} / INT8_SCALE_FLOOR={self.int8_scale_floor} shape the QUANT=int8 quantizer: set QUANT=int8 (QUANT={self.quant})")
         for name in ("MATRIX_BITS", "EMBED_BITS"):
             need(5 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: expected 5..8")
+        if self.awq_lite_enabled:
+            need(self.quant == "gptq", f"AWQ_LITE_ENABLED=1 works inside GPTQ: QUANT={self.quant} has no GPTQ solve (use QUANT=gptq)")
+            need(self.matrix_bits < self.awq_lite_bits <= 8, f"AWQ_LITE_BITS={self.awq_lite_bits}: expected MATRIX_BITS={self.matrix_bits} < bits <= 8")
+            need(self.awq_lite_group_top_k >= 1 and self.awq_lite_group_size >= 1,
+                 f"AWQ_LITE_GROUP_TOP_K={self.awq_lite_group_top_k} / AWQ_LITE_GROUP_SIZE={self.awq_lite_group_size}: expected >= 1")
+        need(not self.asym_logit_rescale or self.logit_softcap > 0, "ASYM_LOGIT_RESCALE=1 rescales the softcap: it needs LOGIT_SOFTCAP > 0")
         need(self.eval_seq_len >= 2 and 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         need(self.eval_batch_seqs >= 1 and self.gptq_calibration_batches >= 1, "EVAL_BATCH_SEQS and GPTQ_CALIBRATION_BATCHES must be >= 1")
         bad = [t for t in self.ttt_targets.split(",") if t.strip() and t.strip() not in TTT_TARGET_NAMES]
         need(not bad, f"TTT_TARGETS has unknown targets {bad}: expected a comma list of {','.join(TTT_TARGET_NAMES)}")
         need(not self.ttt_enabled or any(t.strip() for t in self.ttt_targets.split(",")) or self.ttt_mode == "phased" and self.phased_ttt_num_phases > 0,
              "TTT_TARGETS is empty: TTT would adapt nothing (set TTT_ENABLED=0, or TTT_MODE=phased with PHASED_TTT_NUM_PHASES > 0 for global SGD only)")
+        need(self.ttt_mask == "none" or self.ttt_target_list, f"TTT_MASK={self.ttt_mask} leaves no LoRA target of TTT_TARGETS={self.ttt_targets!r}")
+        need(self.ttt_local_lr_mult >= 0, f"TTT_LOCAL_LR_MULT={self.ttt_local_lr_mult}: expected >= 0")
         for name in ("TTT_CHUNK_TOKENS", "TTT_LORA_RANK", "TTT_DOCS_PER_BATCH", "TTT_CHUNK_SIZE", "TTT_GRAD_STEPS", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "TTT_EPOCHS"):
             need(getattr(self, name.lower()) >= 1, f"{name}={getattr(self, name.lower())}: expected >= 1")
         need(self.ttt_eval_seq_len >= self.ttt_chunk_size, f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be >= TTT_CHUNK_SIZE={self.ttt_chunk_size} (a window holds its chunk)")
@@ -1296,10 +1317,17 @@ class GPT(nn.Module):
         if cfg.parallel_start_layer > 0 and cfg.parallel_mode == "lanes":
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), cfg.parallel_resid_init))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+        self.register_parameter("asym_softcap", None)  # AsymLogit (c+, c-): made by add_asym_softcap at artifact load only
         self.looping_active = False
         self.grown = True  # GROW_LAYERS_FROM: the Trainer starts small and grows (eval and artifacts are full depth)
         if cfg.qat:
             enable_qat(self, cfg)
+
+    def add_asym_softcap(self) -> GPT:
+        """AsymLogit (PR #1923): learnable softcaps (c+, c-) for positive / negative logits, both LOGIT_SOFTCAP (the
+        plain softcap at creation). Made after the weights are loaded, so it is neither stored nor trained in training."""
+        self.asym_softcap = nn.Parameter(torch.full((2,), float(self.cfg.logit_softcap), device=self.tok_emb.weight.device))
+        return self
 
     def set_kernels(self, kernels: Kernels) -> GPT:
         """Attend / run the MLP backward with `kernels` (resolve_kernels for the model's device), before compile."""
@@ -1396,6 +1424,9 @@ class GPT(nn.Module):
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.effective_weight()
         logits = plus(F.linear(h, w.to(h.dtype)), lora_delta({"lora": lora}, "head", h)).float()
         c = self.cfg.logit_softcap
+        if self.asym_softcap is not None:  # c+ where z >= 0, c- below (one tanh: the cap is picked per logit)
+            c = torch.where(logits >= 0, self.asym_softcap[0], self.asym_softcap[1])
+            return c * torch.tanh(logits / c)
         return c * torch.tanh(logits / c) if c > 0 else logits
 
     def forward_logits(self, ids, masks=None, lora: dict | None = None):
@@ -1985,10 +2016,32 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.to(torch.float32) * s).to(dtype)
 
 
+def awq_hi_scale(scale: torch.Tensor, bits: int, hi_bits: int) -> torch.Tensor:
+    """AWQ-lite: the per-row step of the high-precision columns, fp32 (rows,): the row's own clip range (qmax * s)
+    on the finer grid of hi_bits. Derived from the stored fp16 scale, so the artifact stores no second scale."""
+    return scale.float() * (_qmax(bits) / _qmax(hi_bits))
+
+
+def awq_salient_groups(W: torch.Tensor, H: torch.Tensor, group_size: int, top_k: int) -> list[int]:
+    """AWQ-lite saliency (PR #1908): input column j scores sqrt(H_jj) * mean_r |W_rj| (its activation RMS, H = E[x x^T] up
+    to a constant, times its weight magnitude); a group of `group_size` consecutive columns scores the sum over its
+    columns. Returns the indices of the top_k groups (ties to the lower index), ascending."""
+    cols = W.shape[1]
+    score = H.detach().diagonal().double().clamp_min(0).sqrt().to(W.device) * W.detach().double().abs().mean(0)
+    n_groups = -(-cols // group_size)
+    per_group = F.pad(score, (0, n_groups * group_size - cols)).view(n_groups, group_size).sum(1)
+    return sorted(torch.argsort(per_group, descending=True, stable=True)[:top_k].tolist())
+
+
+def awq_columns(groups: list[int], group_size: int, cols: int) -> torch.Tensor:
+    """The input columns of AWQ-lite groups (the last group may be short)."""
+    return torch.tensor([j for g in groups for j in range(g * group_size, min((g + 1) * group_size, cols))], dtype=torch.long)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float,
                   block_size: int = 128, damp: float = 0.01, act_order: bool = True,
                   max_retries: int = 4, math_dtype: torch.dtype = torch.float64,
-                  return_info: bool = False):
+                  return_info: bool = False, hi_cols: torch.Tensor | None = None, hi_bits: int = 8):
     """GPTQ (Frantar et al.) on the SDClip grid -> (q int8 (rows, cols), scale fp16 (rows,)).
 
     W: (rows, cols) weight used as y = x @ W.T;  H: (cols, cols) ~ sum of x^T x (any float
@@ -1996,6 +2049,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
     (float64 default: no TF32 surprises, deterministic, cheap at these sizes).
     If the Cholesky of H+damping fails, damping is multiplied by 10 up to `max_retries` times;
     if it still fails (or H/W are non-finite) we fall back to RTN on the same grid.
+    hi_cols (AWQ-lite): input columns quantized at hi_bits with step awq_hi_scale; the error feedback is the
+    same for every column (the OBS update holds for any per-column grid), so the other columns absorb their error too.
     With return_info=True also returns {"damp": relative damping used, "retries", "fallback"}.
     """
     if W.ndim != 2:
@@ -2007,8 +2062,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
     scale = sdclip_scales(W, bits, clip_sigmas)  # std of the original, unpermuted row
     info = {"damp": None, "retries": 0, "fallback": None}
 
+    hi = torch.zeros(cols, dtype=torch.bool, device=dev)
+    if hi_cols is not None:
+        hi[hi_cols.to(dev)] = True
+    qmax_hi = _qmax(hi_bits)
+
     def fallback(reason):
         q, s = quantize_rtn(W, bits, clip_sigmas)
+        if hi.any():  # the same mixed grid, rounded to nearest
+            s_hi = awq_hi_scale(s, bits, hi_bits).to(dev).unsqueeze(1)
+            q[:, hi] = torch.clamp(torch.round(W.detach().float()[:, hi] / s_hi), -qmax_hi, qmax_hi).to(torch.int8)
         info["fallback"] = reason
         return (q, s, info) if return_info else (q, s)
 
@@ -2049,6 +2112,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
     # 5-6. Column sweep: quantize column j, push its scaled error onto the not-yet-quantized
     # columns of the block immediately, and onto all later columns lazily once per block.
     s = scale.to(dev, math_dtype).unsqueeze(1)
+    s_hi = awq_hi_scale(scale, bits, hi_bits).to(dev, math_dtype).unsqueeze(1)
+    col_hi = hi[perm].tolist()
     Q = torch.zeros_like(Wf)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -2056,9 +2121,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
         Err = torch.zeros_like(W1)
         for j in range(i2 - i1):
             w = W1[:, j:j + 1]
-            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            sj, qm = (s_hi, qmax_hi) if col_hi[i1 + j] else (s, qmax)
+            q = torch.clamp(torch.round(w / sj), -qm, qm)
             Q[:, i1 + j:i1 + j + 1] = q
-            e = (w - q * s) / H1[j, j]
+            e = (w - q * sj) / H1[j, j]
             W1[:, j:] -= e * H1[j:j + 1, j:]
             Err[:, j:j + 1] = e
         if i2 < cols:
@@ -2142,12 +2208,16 @@ def select_lqer_targets(errors: dict, top_k: int) -> list:
 #   ("fp16",) / ("bf16",) / ("fp32",)    cast passthrough            -> name
 #   ("raw",)                             stored unchanged (any packable dtype) -> name
 # LQER factors of a target go to name.lqer.{a_q,a_s,b_q,b_s}.
-# meta = {"format": "pgq-state-v1",
+# AWQ-lite (awq=(hi_bits, top_k, group_size)): a GPTQ tensor below hi_bits stores its salient column groups in the
+# same name.q at hi_bits (step awq_hi_scale of name.scale) and names them in its entry's "awq"; the manifest is then
+# "pgq-state-v2", otherwise (every artifact without AWQ) "pgq-state-v1", byte for byte as before AWQ existed.
+# meta = {"format": "pgq-state-v1" | "pgq-state-v2",
 #         "tensors": {name: {"scheme", "dtype" (original), "shape", ["bits", "clip_sigmas"],
-#                            ["lqer": {"mode", "rank", "group"}]}},
-#         "stats":   {name: {"mse", "rel_fro", ["rel_out" (H-weighted), "gptq": {...},
+#                            ["awq": {"bits", "group_size", "groups"}], ["lqer": {"mode", "rank", "group"}]}},
+#         "stats":   {name: {"mse", "rel_fro", ["rel_out" (H-weighted), "gptq": {...}, "awq": {...},
 #                            "lqer_rel_fro" / "lqer_skipped"]}}}
 # Only "format" and "tensors" are needed to decode; drop "stats" (meta_for_storage) to save bytes.
+PGQ_FORMATS = ("pgq-state-v1", "pgq-state-v2")  # v2 = v1 + the "awq" entries
 
 _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _LQER_KEYS = ("a_q", "a_s", "b_q", "b_s")
@@ -2167,6 +2237,23 @@ def classify_tensor(name: str, numel: int, ndim: int, patterns, default_matrix=(
     return tuple(small) if ndim < 2 or numel <= small_numel else tuple(default_matrix)
 
 
+def dequantize_entry(q: torch.Tensor, scale: torch.Tensor, e: Mapping) -> torch.Tensor:
+    """q*s per row, with the AWQ-lite columns of manifest entry `e` (if any) on their finer step."""
+    W = dequantize(q, scale)
+    awq = e.get("awq")
+    if awq:
+        cols = awq_columns(awq["groups"], int(awq["group_size"]), q.shape[-1]).to(q.device)
+        W[:, cols] = q[:, cols].float() * awq_hi_scale(scale, int(e["bits"]), int(awq["bits"])).to(q.device).unsqueeze(1)
+    return W
+
+
+def _entropy_bits(q: torch.Tensor) -> float:
+    """Order-0 entropy of int8 codes in bits per code (what a byte-level compressor roughly pays)."""
+    p = torch.bincount(q.reshape(-1).to(torch.int64) + 128, minlength=256).double()
+    p = p[p > 0] / max(q.numel(), 1)
+    return float(-(p * p.log2()).sum())
+
+
 def meta_for_storage(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k != "stats"}
 
@@ -2184,9 +2271,10 @@ def _err_stats(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None = No
 def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: int = 0,
                         lqer_top_k: int = 0, lqer_group: int = 64, lqer_asym: bool = True,
                         lqer_refit: bool = False, block_size: int = 128, damp: float = 0.01,
-                        act_order: bool = True, on_missing_hessian: str = "error"):
+                        act_order: bool = True, on_missing_hessian: str = "error", awq: tuple | None = None):
     """Quantize every tensor per `plan` -> (tensors to pack (CPU), meta). See the schema above.
-    on_missing_hessian: "error" (default) or "rtn" (fall back, recorded in stats)."""
+    on_missing_hessian: "error" (default) or "rtn" (fall back, recorded in stats).
+    awq: None or (hi_bits, top_k, group_size): AWQ-lite on every GPTQ tensor below hi_bits."""
     tensors, meta = {}, {"format": "pgq-state-v1", "tensors": {}, "stats": {}}
     errors = {}  # LQER candidates: name -> ||W - W_hat||_F
 
@@ -2222,13 +2310,26 @@ def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: in
                 entry.update(bits=bits, clip_sigmas=k)
                 if kind == "gptq":
                     d = float(spec[3]) if len(spec) > 3 else damp
+                    hi = None
+                    if awq is not None and bits < int(awq[0]):
+                        hb, top_k, gs = (int(v) for v in awq)
+                        groups = awq_salient_groups(W, H, gs, top_k)
+                        hi = awq_columns(groups, gs, W.shape[1])
+                        entry["awq"] = {"bits": hb, "group_size": gs, "groups": groups}
                     q, s, st["gptq"] = gptq_quantize(W, H.to(W.device), bits, k, block_size, d,
-                                                     act_order, return_info=True)
+                                                     act_order, return_info=True, hi_cols=hi,
+                                                     hi_bits=int(awq[0]) if hi is not None else 8)
+                    if hi is not None:  # what the high-precision columns cost: bit width, and order-0 entropy of the codes
+                        is_hi = torch.zeros(W.shape[1], dtype=torch.bool, device=q.device)
+                        is_hi[hi.to(q.device)] = True
+                        n_hi = W.shape[0] * len(hi)
+                        st["awq"] = {"columns": len(hi), "extra_bits_raw": n_hi * (hb - bits), "extra_bits_entropy":
+                                     n_hi * (_entropy_bits(q[:, is_hi]) - _entropy_bits(q[:, ~is_hi])) if not is_hi.all() else 0.0}
                 else:
                     q, s = quantize_rtn(W, bits, k)
             put(name + ".q", q)
             put(name + ".scale", s)
-            W_hat = dequantize(q, s)
+            W_hat = dequantize_entry(q, s, entry)
             ok_h = H is not None and W.ndim == 2 and tuple(H.shape) == (W.shape[1],) * 2
             st.update(_err_stats(W, W_hat, H if ok_h else None))
             if kind in ("gptq", "rtn") and W.ndim == 2:
@@ -2247,7 +2348,7 @@ def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: in
     if lqer_rank > 0 and lqer_top_k > 0:
         for name in select_lqer_targets(errors, lqer_top_k):
             W = state_dict[name].detach()
-            W_hat = dequantize(tensors[name + ".q"], tensors[name + ".scale"]).to(W.device)
+            W_hat = dequantize_entry(tensors[name + ".q"], tensors[name + ".scale"], meta["tensors"][name]).to(W.device)
             f = lqer_factors(W, W_hat, lqer_rank, lqer_asym, lqer_group, lqer_refit)
             new_err = float((W.double() - lqer_apply(W_hat, f).double()).norm())
             if not new_err < errors[name]:  # never store a correction that does not help
@@ -2257,13 +2358,23 @@ def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: in
                 put(f"{name}.lqer.{k}", f[k])
             meta["tensors"][name]["lqer"] = {"mode": f["mode"], "rank": f["rank"], "group": f["group"]}
             meta["stats"][name]["lqer_rel_fro"] = new_err / max(float(W.double().norm()), 1e-30)
+    if any("awq" in e for e in meta["tensors"].values()):  # only then: artifacts without AWQ keep the v1 bytes
+        meta["format"] = "pgq-state-v2"
     return tensors, meta
+
+
+def awq_summary(meta: dict) -> dict:
+    """The awq_lite event: tensors with high-precision groups, their columns, and the extra bytes they cost (raw bit
+    width; order-0 entropy of the codes, closer to what the compressor pays)."""
+    st = [v["awq"] for v in meta["stats"].values() if "awq" in v]
+    return dict(tensors=len(st), columns=sum(a["columns"] for a in st), extra_bytes_raw=sum(a["extra_bits_raw"] for a in st) // 8,
+                extra_bytes_entropy=int(sum(a["extra_bits_entropy"] for a in st) / 8))
 
 
 def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
     """Inverse of quantize_state_dict: {name: tensor with the original dtype and shape}."""
-    if not isinstance(meta, dict) or meta.get("format") != "pgq-state-v1":
-        raise ValueError("meta is not a pgq-state-v1 quantization manifest")
+    if not isinstance(meta, dict) or meta.get("format") not in PGQ_FORMATS:
+        raise ValueError(f"meta is not a quantization manifest of {'/'.join(PGQ_FORMATS)}")
 
     def get(key):
         if key not in tensors:
@@ -2281,8 +2392,10 @@ def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
         if dtype is None:
             raise ValueError(f"tensor {name!r}: unknown original dtype {e.get('dtype')!r}")
         try:
+            if "awq" in e and (meta["format"] == "pgq-state-v1" or scheme != "gptq" or not _valid_awq(e, shape)):
+                raise ValueError(f"tensor {name!r}: malformed AWQ-lite entry {e['awq']!r}")
             if scheme in ("gptq", "rtn", "int8_row"):
-                W = dequantize(get(name + ".q"), get(name + ".scale"))
+                W = dequantize_entry(get(name + ".q"), get(name + ".scale"), e)
                 if "lqer" in e:
                     f = dict(e["lqer"], **{k: get(f"{name}.lqer.{k}") for k in _LQER_KEYS})
                     W = W + lqer_delta(f)
@@ -2294,6 +2407,14 @@ def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
         except (RuntimeError, TypeError, KeyError, IndexError) as err:  # stored tensors that do not fit the manifest
             raise ValueError(f"tensor {name!r}: stored data does not fit its manifest entry ({type(err).__name__}: {err})") from None
     return out
+
+
+def _valid_awq(e: dict, shape: tuple) -> bool:
+    a = e["awq"]
+    if not (isinstance(a, dict) and len(shape) == 2 and type(e.get("bits")) is int and all(type(a.get(k)) is int for k in ("bits", "group_size"))
+            and isinstance(a.get("groups"), list) and all(type(g) is int for g in a["groups"])):
+        return False
+    return e["bits"] < a["bits"] <= 8 and a["group_size"] >= 1 and all(0 <= g * a["group_size"] < shape[1] for g in a["groups"])
 
 
 def serialize_state(tensors: dict, meta: dict, compressor: str = "brotli", shuffle: int = 2, **codec) -> bytes:
@@ -2389,7 +2510,8 @@ def quantize_model(model: GPT, cfg: Config, hessians: dict) -> tuple[dict, dict]
     sd = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
     return quantize_state_dict(sd, hessians, quant_plan(cfg, param_roles(model)), lqer_rank=cfg.lqer_rank if cfg.lqer_enabled else 0,
                                lqer_top_k=cfg.lqer_top_k, lqer_group=cfg.lqer_group, block_size=cfg.gptq_block_size,
-                               damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, on_missing_hessian="rtn")
+                               damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, on_missing_hessian="rtn",
+                               awq=(cfg.awq_lite_bits, cfg.awq_lite_group_top_k, cfg.awq_lite_group_size) if cfg.awq_lite_enabled else None)
 
 
 def build_artifact(tensors: dict, qmeta: dict, cfg: Config, bos_id: int) -> bytes:
@@ -2454,12 +2576,14 @@ def load_artifact(blob: bytes, device, env_overrides: Mapping[str, str] | None =
     model = GPT(cfg, bos_id)
     bake_shared_heads(model)  # stored weights are already baked; the forward must not re-tie
     model.load_state_dict(sd)
+    if cfg.asym_logit_rescale:
+        model.add_asym_softcap()
     model.looping_active = cfg.num_loops > 0
     return model.to(device).set_kernels(resolve_kernels(cfg, device)), cfg
 
 
 EVAL_OVERRIDABLE = {"DATA_PATH", "TOKENIZER_PATH", "VAL_MAX_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS", "EVAL_DOC_ATTENTION",
-                    "SLIDING_EVAL", "MAX_EVAL_SECONDS", "ATTN_BACKEND", "COMPILE", "RUN_ID", "RUN_DIR", "SEED"} | {
+                    "SLIDING_EVAL", "MAX_EVAL_SECONDS", "ATTN_BACKEND", "COMPILE", "RUN_ID", "RUN_DIR", "SEED", "ASYM_LOGIT_RESCALE"} | {
                     f.name for f in FIELDS if f.name.startswith(("TTT_", "PHASED_TTT_", "GLOBAL_TTT_"))}
 
 # ----------------------------------------------------------------------------------------------
@@ -2561,8 +2685,8 @@ class TTTAdapters:
         dims, r = ttt_target_dims(cfg), cfg.ttt_lora_rank
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
-        for t in (t.strip() for t in cfg.ttt_targets.split(",")):
-            for key in (["head"] if t == "head" else [f"{vi}.{t}" for vi in range(n_virtual)]) if t else []:
+        for t in cfg.ttt_target_list:
+            for key in ["head"] if t == "head" else [f"{vi}.{t}" for vi in range(n_virtual)]:
                 fan_in, fan_out = dims[t]
                 self.a[key] = torch.empty(rows, r, fan_in, device=device, requires_grad=True)
                 self.b[key] = torch.zeros(rows, fan_out, r, device=device, requires_grad=True)
@@ -2596,7 +2720,7 @@ class TTTAdapters:
 
 
 def ttt_adamw(cfg: Config, params: list[torch.Tensor], device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.ttt_lr, betas=(cfg.ttt_beta1, cfg.ttt_beta2), eps=1e-10,
+    return torch.optim.AdamW(params, lr=cfg.ttt_lr * cfg.ttt_local_lr_mult, betas=(cfg.ttt_beta1, cfg.ttt_beta2), eps=1e-10,
                              weight_decay=cfg.ttt_weight_decay, fused=device.type == "cuda")
 
 
@@ -2887,6 +3011,8 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
                     st = ttt_global_sgd(fwd, model, cfg, ttt_phase_stream(tokens, prefix, model.bos_id), device, rank, world)
                     adapters = TTTAdapters(cfg, n_virtual, cfg.ttt_docs_per_batch, device, cfg.seed + 1000 * rank + 17 * (len(phase_stats) + 1))
                     st.update(phase=len(phase_stats) + 1, after_round=rnd + 1, docs=boundary, seconds=time.perf_counter() - t0)
+                    if model.asym_softcap is not None:
+                        st.update(softcap_pos=float(model.asym_softcap[0]), softcap_neg=float(model.asym_softcap[1]))
                     phase_stats.append(st)
                     if log is not None:
                         log("ttt_phase", **st)
@@ -3186,6 +3312,8 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
 
     t0 = time.perf_counter()
     tensors, qmeta = quantize_model(model, cfg, hessians)
+    if cfg.awq_lite_enabled:
+        log("awq_lite", bits=cfg.awq_lite_bits, group_size=cfg.awq_lite_group_size, top_k=cfg.awq_lite_group_top_k, **awq_summary(qmeta))
     blob = build_artifact(tensors, qmeta, cfg, bos)
     quant_s = time.perf_counter() - t0
     art = run_dir / "final_model.ptz"
