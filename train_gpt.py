@@ -235,6 +235,10 @@ FIELDS: list[Field] = [
         _f("EVAL_BATCH_SEQS", int, 32, "windows per eval forward"),
         _f("SLIDING_EVAL", bool, True, "sliding-window eval of the roundtrip model (default: on unless TTT is on; TTT is the final metric then and the sliding pass would spend ~80 s of the eval budget)", aliases=("SLIDING_WINDOW_ENABLED",)),
         _f("MAX_EVAL_SECONDS", float, 600.0, "eval budget; exceeding it fails the run loudly"),
+        _f("NGRAM_TILT_ENABLED", bool, False, "token-only n-gram tilt of every final-metric pass (roundtrip, sliding, chunked and phased TTT; PR #2135): where the longest context (<= NGRAM_TOKEN_ORDER tokens) seen among already-scored val tokens has a continuation h with share >= NGRAM_TOKEN_THRESHOLD, the score uses p'(a) = p(a) exp(B [a=h]) / (1 + p(h) (e^B - 1)), B = NGRAM_TOKEN_BOOST: a normalized distribution. Built inside the eval timer"),
+        _f("NGRAM_TOKEN_ORDER", int, 16, "n-gram tilt: longest context, in tokens"),
+        _f("NGRAM_TOKEN_THRESHOLD", float, 0.8, "n-gram tilt: minimum share of the hinted token among the context's visible continuations, in (0.5, 1] (the hint is then the unique majority)"),
+        _f("NGRAM_TOKEN_BOOST", float, 2.625, "n-gram tilt: B, added to the hinted token's logit (nats) before renormalizing; >= 0 (0 = no change)"),
     ]),
     *group("ttt", [  # test-time training (score-first: every target is scored before any update that has seen it)
         _f("TTT_ENABLED", bool, True, "score-first LoRA test-time training on the val set (the final metric when on)"),
@@ -585,6 +589,9 @@ class Config(ConfigValues):
         need(not self.asym_logit_rescale or self.logit_softcap > 0, "ASYM_LOGIT_RESCALE=1 rescales the softcap: it needs LOGIT_SOFTCAP > 0")
         need(self.eval_seq_len >= 2 and 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         need(self.eval_batch_seqs >= 1 and self.gptq_calibration_batches >= 1, "EVAL_BATCH_SEQS and GPTQ_CALIBRATION_BATCHES must be >= 1")
+        need(1 <= self.ngram_token_order <= 64, f"NGRAM_TOKEN_ORDER={self.ngram_token_order}: expected 1..64")
+        need(0.5 < self.ngram_token_threshold <= 1.0, f"NGRAM_TOKEN_THRESHOLD={self.ngram_token_threshold}: expected (0.5, 1] (a unique majority continuation)")
+        need(0.0 <= self.ngram_token_boost <= 30.0, f"NGRAM_TOKEN_BOOST={self.ngram_token_boost}: expected 0..30 (nats added to one logit)")
         bad = [t for t in self.ttt_targets.split(",") if t.strip() and t.strip() not in TTT_TARGET_NAMES]
         need(not bad, f"TTT_TARGETS has unknown targets {bad}: expected a comma list of {','.join(TTT_TARGET_NAMES)}")
         need(not self.ttt_enabled or any(t.strip() for t in self.ttt_targets.split(",")) or self.ttt_mode == "phased" and self.phased_ttt_num_phases > 0,
@@ -1432,10 +1439,14 @@ class GPT(nn.Module):
     def forward_logits(self, ids, masks=None, lora: dict | None = None):
         return self.logits_from_hidden(self.hidden(ids, masks, lora), lora)
 
-    def forward(self, ids, targets, masks=None, reduction: str = "mean", lora: dict | None = None):
+    def forward(self, ids, targets, masks=None, reduction: str = "mean", lora: dict | None = None, hint=None):
         logits = self.forward_logits(ids, masks, lora)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-        return loss if reduction == "mean" else loss.view(targets.shape)
+        loss = loss if reduction == "mean" else loss.view(targets.shape)
+        if hint is None:
+            return loss
+        # n-gram tilt (NgramTilt): also -log p(hint) per position, from the same logits
+        return loss, torch.logsumexp(logits, -1) - logits.gather(-1, hint.unsqueeze(-1)).squeeze(-1)
 
 
 def enable_qat(model: GPT, cfg: Config) -> None:
@@ -2584,7 +2595,7 @@ def load_artifact(blob: bytes, device, env_overrides: Mapping[str, str] | None =
 
 EVAL_OVERRIDABLE = {"DATA_PATH", "TOKENIZER_PATH", "VAL_MAX_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS", "EVAL_DOC_ATTENTION",
                     "SLIDING_EVAL", "MAX_EVAL_SECONDS", "ATTN_BACKEND", "COMPILE", "RUN_ID", "RUN_DIR", "SEED", "ASYM_LOGIT_RESCALE"} | {
-                    f.name for f in FIELDS if f.name.startswith(("TTT_", "PHASED_TTT_", "GLOBAL_TTT_"))}
+                    f.name for f in FIELDS if f.name.startswith(("TTT_", "PHASED_TTT_", "GLOBAL_TTT_", "NGRAM_"))}
 
 # ----------------------------------------------------------------------------------------------
 # EVALUATION: val_bpb = sum(NLL nats) / ln2 / sum(bytes). Plain eval is the sliding eval with
@@ -2619,9 +2630,192 @@ class LUTs:
         return self.base[tgt] + (self.lead[tgt] & ~self.boundary[prev]).long()
 
 
+# ---- token-only n-gram tilt (NGRAM_TILT_ENABLED; PR #2135, after PR #1514) ------------------------
+# A causal token n-gram over the val tokens already scored proposes at most one "hint" token per target; the model's
+# distribution p at that target is tilted toward it and renormalized (B = NGRAM_TOKEN_BOOST, h = the hint):
+#     p'(a) = p(a) exp(B [a = h]) / Z,   Z = sum_a p(a) exp(B [a = h]) = 1 + p(h) (e^B - 1)
+#     -log p'(y) = -log p(y) - B [y = h] + log(1 + p(h) (e^B - 1))
+# p' sums to 1 over the vocabulary by construction and every p'(a) > 0, so the score stays a code length (Issue #1017
+# C2). Legality (C1, C3): the hint of target i is a function of tokens scored before i only. Visible to target i are
+# the occurrences (context -> continuation j) with j scored earlier: in stream order (roundtrip, sliding, chunked TTT;
+# the order a one-pass decoder reads, whatever rank scored a window) every j < i; in phased TTT the documents of all
+# earlier batches (batch order, the same on every WORLD_SIZE) plus the document's own targets before i, never a
+# batch-mate or a later batch. The tables are replayed in one vectorized pass (sorts + prefix maxima) instead of a
+# table updated after each token; ngram_hints never reads a target before it is scored (tests perturb each token).
+
+def _prefix_max_by_group(sorted_keys: torch.Tensor, value: torch.Tensor, mult: int, width: int) -> torch.Tensor:
+    """Inclusive running max of `value` (>= 0, < width * (group size + 1)) within each group of equal sorted_keys // mult
+    (contiguous in the sorted order): one global cummax, each group lifted above every earlier one."""
+    start = torch.searchsorted(sorted_keys, sorted_keys // mult * mult)
+    lift = 2 * width * start  # a group's values stay below the next group's lift: size + 1 <= 2 * size
+    return torch.cummax(value + lift, 0).values - lift
+
+
+def _count_before(sorted_keys: torch.Tensor, group: torch.Tensor, bound: torch.Tensor, mult: int) -> torch.Tensor:
+    """How many entries group * mult + position of `sorted_keys` have position < bound."""
+    return torch.searchsorted(sorted_keys, group * mult + bound) - torch.searchsorted(sorted_keys, group * mult)
+
+
+def _lookup(sorted_unique: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of each key in a sorted unique array, and whether it is there."""
+    i = torch.searchsorted(sorted_unique, keys).clamp_max(max(len(sorted_unique) - 1, 0))
+    return i, sorted_unique[i] == keys if len(sorted_unique) else torch.zeros_like(keys, dtype=torch.bool)
+
+
 @torch.no_grad()
-def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, batch: int, luts: LUTs, device, lora: dict | None = None):
-    """Sum of NLL (float64), scored targets, bytes over `wins` (this rank's share)."""
+def ngram_hints(stream: torch.Tensor, order: int, threshold: float, seg: torch.Tensor | None = None,
+                cut: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hint, has), both [N], for the targets of `stream` ([N] ids, any device). Target i's contexts are its last k tokens,
+    k <= order, never reaching before seg[i] (its document's first position; 0 = no documents); a document's first
+    position is no target. An occurrence is a target j with the same k-token context; it is visible to i when j < i, or,
+    with `cut` (phased TTT, cut[i] <= seg[i]), when j < cut[i] or j is in i's document before i. The hint is the majority
+    continuation of the LONGEST context with a visible occurrence, when its share of them is >= threshold (> 0.5, so the
+    majority is unique); otherwise has[i] = False. Exact (dense context ids, no hashing)."""
+    dev, N = stream.device, len(stream)
+    assert N < 2 ** 31 and threshold > 0.5
+    t = stream.long()
+    hint, has = torch.zeros(N, dtype=torch.long, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
+    if N < 2:
+        return hint, has
+    V, M = int(t.max()) + 1, N + 1  # key multipliers (any values above the largest token / position give the same ids)
+    seg = torch.zeros(N, dtype=torch.long, device=dev) if seg is None else seg.long()
+    live = torch.arange(N, device=dev)
+    live = live[live > seg]  # targets still in play at this order
+    ctx = torch.zeros_like(live)  # dense id of each live target's context of the previous order
+    for k in range(1, order + 1):
+        keep = live - k >= seg[live]
+        live, ctx = live[keep], ctx[keep]
+        _, ctx, cnt = torch.unique(ctx * V + t[live - k], return_inverse=True, return_counts=True)
+        # a context seen once in the whole stream matches nothing now or at any longer order: drop it (same result)
+        keep = cnt[ctx] >= 2
+        live, ctx = live[keep], ctx[keep]
+        if len(live) == 0:
+            break
+        matched, ok, tok = _ngram_order(t, live, ctx, seg[live], None if cut is None else cut[live], threshold, V, M)
+        at = live[matched]  # longer contexts come later and overwrite shorter ones
+        has[at], hint[at] = ok[matched], tok[matched]
+    return hint, has
+
+
+def _ngram_order(t, p, c, seg_p, cut_p, threshold: float, V: int, M: int):
+    """One order: p = the live targets (ascending), c = their dense context ids. Returns per target: matched (a visible
+    occurrence exists), ok (the majority share >= threshold) and the majority continuation."""
+    y = t[p]
+    bound = p if cut_p is None else cut_p  # part A: occurrences at positions < bound (stream order: all earlier ones)
+    S1, o1 = torch.sort(c * M + p)  # occurrences by (context, position)
+    pair_u, pair = torch.unique(c * V + y, return_inverse=True)  # (context, continuation) ids
+    S2 = torch.sort(pair * M + p).values
+    seen = _count_before(S2, pair, p, M) + 1  # occurrences of this (context, continuation) up to and including p
+    # running max over a context's occurrences of seen*V + continuation = the most frequent continuation so far
+    best = _prefix_max_by_group(S1, (seen * V + y)[o1], M, V)
+    end = torch.searchsorted(S1, c * M + bound)
+    n_a = end - torch.searchsorted(S1, c * M)
+    top_a = torch.where(n_a > 0, best[(end - 1).clamp_min(0)], 0)
+    cnt_a, tok_a = top_a // V, top_a % V
+    if cut_p is None:
+        n_tot, cnt, tok = n_a, cnt_a, tok_a
+    else:  # part B: the target's own document before it (positions >= seg >= cut), grouped by (context, document)
+        _, cs = torch.unique(c * M + seg_p, return_inverse=True)
+        ps_u, ps = torch.unique(pair * M + seg_p, return_inverse=True)
+        S3, o3 = torch.sort(cs * M + p)
+        S4 = torch.sort(ps * M + p).values
+        seen_doc = _count_before(S4, ps, p, M) + 1
+        best_b = _prefix_max_by_group(S3, (seen_doc * V + y)[o3], M, V)
+        end_b = torch.searchsorted(S3, cs * M + p)
+        n_b = end_b - torch.searchsorted(S3, cs * M)
+        top_b = torch.where(n_b > 0, best_b[(end_b - 1).clamp_min(0)], 0)
+        cnt_b, tok_b = top_b // V, top_b % V
+        # a majority of A + B is a majority of A or of B: total each part's candidate over both parts
+        pa, _ = _lookup(pair_u, c * V + tok_a)  # exists where n_a > 0
+        da, in_doc = _lookup(ps_u, pa * M + seg_p)
+        tot_a = cnt_a + torch.where(in_doc, _count_before(S4, da, p, M), 0)
+        pb, exists = _lookup(pair_u, c * V + tok_b)
+        tot_b = cnt_b + torch.where(exists, _count_before(S2, pb, bound, M), 0)
+        tot_a, tot_b = torch.where(n_a > 0, tot_a, 0), torch.where(n_b > 0, tot_b, 0)
+        n_tot = n_a + n_b
+        cnt, tok = torch.maximum(tot_a, tot_b), torch.where(tot_a >= tot_b, tok_a, tok_b)
+    matched = n_tot > 0
+    return matched, matched & (cnt.double() >= threshold * n_tot.double()), tok
+
+
+class NgramTilt:
+    """The hints of one scoring order (per target position of the val stream) and the tilt of the scores (formula
+    above). Accumulates per pass: scored targets, tilted targets, hits (target == hint), nats saved by the tilt."""
+
+    def __init__(self, hint: torch.Tensor, has: torch.Tensor, boost: float, seconds: float = 0.0):
+        self.hint, self.has, self.boost, self.seconds = hint, has, boost, seconds
+        self.log_z_scale = math.expm1(boost)
+        self.stats: torch.Tensor | None = None
+
+    def hint_at(self, pos: torch.Tensor) -> torch.Tensor:
+        if self.hint.device != pos.device:
+            self.hint, self.has = self.hint.to(pos.device), self.has.to(pos.device)
+        return self.hint[pos]
+
+    def apply(self, nll: torch.Tensor, nll_hint: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """-log p'(y) (float64) from -log p(y) and -log p(h) of the same forward."""
+        on = self.has[pos]
+        hit = on & (y == self.hint[pos])
+        nll = nll.double()
+        tilted = torch.where(on, nll - self.boost * hit + torch.log1p(torch.exp(-nll_hint.double()) * self.log_z_scale), nll)
+        m = scored.bool()
+        s = torch.stack([m.sum(), (on & m).sum(), (hit & m).sum()]).double()
+        s = torch.cat([s, ((nll - tilted) * m).sum()[None]])
+        self.stats = s if self.stats is None else self.stats + s
+        return tilted
+
+    def summary(self, name: str, loss: float, bpb: float, world: int) -> dict:
+        """The event:ngram_tilt fields of one pass (all ranks call it: one all-reduce), then reset for the next pass.
+        seconds = the table's build time, charged to the first pass that uses it (0 when reused)."""
+        s = self.stats if self.stats is not None else torch.zeros(4, dtype=torch.float64, device=self.hint.device)
+        if world > 1:
+            s = s.clone()
+            dist.all_reduce(s)
+        n, tilted, hits, saved = s.tolist()
+        out = dict(name=name, tokens=int(n), tilted=int(tilted), frac=tilted / max(n, 1), hit_rate=hits / max(tilted, 1),
+                   gain_bpb=saved / max(n, 1) * (bpb / loss if loss else 0.0), seconds=self.seconds)
+        self.stats, self.seconds = None, 0.0
+        return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stream_ngram_tilt(tokens: torch.Tensor, cfg: Config, device) -> NgramTilt:
+    """Hints in stream order (roundtrip, sliding, chunked TTT), computed on `device`."""
+    t0 = time.perf_counter()
+    hint, has = ngram_hints(tokens.to(device), cfg.ngram_token_order, cfg.ngram_token_threshold)
+    _sync(device)
+    return NgramTilt(hint, has, cfg.ngram_token_boost, time.perf_counter() - t0)
+
+
+def phased_ngram_tilt(tokens: torch.Tensor, docs: list[tuple[int, int]], batches: list[list[int]], cfg: Config, device) -> NgramTilt:
+    """Hints for phased TTT: the documents laid out in batch order, each seeing the earlier batches and its own prefix."""
+    t0 = time.perf_counter()
+    order = [d for b in batches for d in b]
+    lens, sizes = torch.tensor([docs[d][1] for d in order]), torch.tensor([len(b) for b in batches])
+    start = torch.cumsum(lens, 0) - lens  # each document's offset in the layout
+    cut_doc = torch.repeat_interleave(start[torch.cumsum(sizes, 0) - sizes], sizes)  # the offset of its batch's first document
+    doc = torch.repeat_interleave(torch.arange(len(order)), lens)
+    local = torch.arange(int(lens.sum())) - start[doc]
+    orig = torch.tensor([docs[d][0] for d in order])[doc] + local  # val-stream position of each layout position
+    hint_l, has_l = ngram_hints(tokens[orig].to(device), cfg.ngram_token_order, cfg.ngram_token_threshold,
+                                start[doc].to(device), cut_doc[doc].to(device))
+    tgt = (local >= 1).to(device)  # a document's first token is the previous one's last target
+    at = orig.to(device)[tgt]
+    hint = torch.zeros(len(tokens), dtype=torch.long, device=device)
+    has = torch.zeros(len(tokens), dtype=torch.bool, device=device)
+    hint[at], has[at] = hint_l[tgt], has_l[tgt]
+    _sync(device)
+    return NgramTilt(hint, has, cfg.ngram_token_boost, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, batch: int, luts: LUTs, device, lora: dict | None = None,
+                  tilt: NgramTilt | None = None):
+    """Sum of NLL (float64; n-gram tilted with `tilt`), scored targets, bytes over `wins` (this rank's share)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_tok = torch.zeros((), dtype=torch.float64, device=device)
     n_bytes = torch.zeros((), dtype=torch.float64, device=device)
@@ -2635,12 +2829,16 @@ def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, bat
         idx = starts[:, None] + torch.arange(L + 1)[None, :]
         seq = tokens[idx].to(device, non_blocking=True)
         x, y = seq[:, :-1], seq[:, 1:]
-        with autocast_ctx(device):
-            nll = fwd(x, y, model.masks(x), "none", lora).double()
+        pos = idx[:, 1:].to(device)
         m = ar[None, :] >= (L - ns)[:, None]
+        with autocast_ctx(device):
+            if tilt is None:
+                nll = fwd(x, y, model.masks(x), "none", lora).double()
+            else:
+                nll = tilt.apply(*fwd(x, y, model.masks(x), "none", lora, hint=tilt.hint_at(pos)), y, pos, m)
         loss_sum += (nll * m).sum()
         n_tok += m.sum()
-        n_bytes += (luts.bytes(x, y, idx[:, 1:].to(device)) * m).sum()
+        n_bytes += (luts.bytes(x, y, pos) * m).sum()
     return loss_sum, n_tok, n_bytes
 
 
@@ -2652,13 +2850,14 @@ def _all_reduce(*ts, world: int):
     return ts
 
 
-def evaluate(fwd, model: GPT, tokens: torch.Tensor, seq_len: int, stride: int, batch: int, luts: LUTs, device, rank: int, world: int):
+def evaluate(fwd, model: GPT, tokens: torch.Tensor, seq_len: int, stride: int, batch: int, luts: LUTs, device, rank: int, world: int,
+             tilt: NgramTilt | None = None):
     """Distributed windowed eval -> (val_loss nats/token, val_bpb, scored tokens, bytes)."""
     wins = eval_windows(len(tokens), seq_len, stride)
     lo, hi = rank * len(wins) // world, (rank + 1) * len(wins) // world
     was = model.training
     model.eval()
-    ls, nt, nb = score_windows(fwd, model, tokens, wins[lo:hi], seq_len, batch, luts, device)
+    ls, nt, nb = score_windows(fwd, model, tokens, wins[lo:hi], seq_len, batch, luts, device, tilt=tilt)
     model.train(was)
     ls, nt, nb = _all_reduce(ls, nt, nb, world=world)
     loss = (ls / nt).item()
@@ -2756,7 +2955,8 @@ def ttt_chunks(wins, chunk_tokens: int) -> list[list[tuple[int, int]]]:
     return chunks
 
 
-def eval_ttt_chunked(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, device, rank: int, world: int, log: Logger | None = None):
+def eval_ttt_chunked(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, device, rank: int, world: int, log: Logger | None = None,
+                     tilt: NgramTilt | None = None):
     """TTT_MODE=chunked: for each chunk of sliding windows, first score it (no grad), then train one shared LoRA on
     exactly those already-scored targets. Returns (val_loss, val_bpb, per-chunk (loss_sum, tokens))."""
     L = min(cfg.eval_seq_len, len(tokens) - 1)
@@ -2771,7 +2971,8 @@ def eval_ttt_chunked(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, 
     try:
         for ci, cw in enumerate(chunks):
             lo, hi = rank * len(cw) // world, (rank + 1) * len(cw) // world
-            s = torch.stack(score_windows(model, model, tokens, cw[lo:hi], cfg.eval_seq_len, cfg.eval_batch_seqs, luts, device, adapters.weights()))
+            s = torch.stack(score_windows(model, model, tokens, cw[lo:hi], cfg.eval_seq_len, cfg.eval_batch_seqs, luts, device, adapters.weights(),
+                                          tilt))
             if world > 1:
                 dist.all_reduce(s)
             tot += s
@@ -2909,12 +3110,13 @@ def ttt_global_sgd(fwd, model: GPT, cfg: Config, stream: torch.Tensor, device, r
 
 
 def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens: torch.Tensor, docs: list[tuple[int, int]],
-                    luts: LUTs, device, acc: torch.Tensor, nll_out: torch.Tensor | None, min_rows: int = 1):
+                    luts: LUTs, device, acc: torch.Tensor, nll_out: torch.Tensor | None, min_rows: int = 1, tilt: NgramTilt | None = None):
     """One batch of documents: per chunk step, one forward scores every active document's chunk (added to `acc`:
     loss, tokens, bytes) and then trains each document's LoRA slice on it (not on a document's last chunk).
     `tokens` is the val stream on `device`; windows are gathered there (no host copy per step). Documents longest
     first make the active ones a prefix of the slots; `min_rows` pads a step with empty rows (no target scored, no
-    loss) so that a compiled forward never sees one row (dynamo specializes size 1: a second graph)."""
+    loss) so that a compiled forward never sees one row (dynamo specializes size 1: a second graph). With `tilt` the score
+    is n-gram tilted; the LoRA still trains on the model's own NLL."""
     C, W = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
     n_pred = [n - 1 for _, n in docs]
     n_chunks = [-(-p // C) for p in n_pred]
@@ -2946,10 +3148,11 @@ def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens:
             # with adapters the forward always records the graph (also on a batch's last, untrained step): one
             # compiled graph instead of a second, no-grad one
             with torch.set_grad_enabled(opt is not None), autocast_ctx(device):
-                nll = fwd(x, y, masks, "none", lora)
+                nll = fwd(x, y, masks, "none", lora) if tilt is None else fwd(x, y, masks, "none", lora, hint=tilt.hint_at(pos))
+            nll, nll_hint = (nll, None) if tilt is None else nll
             if step == 0:  # the score: this forward has seen no update from this chunk
                 m = scored.double()
-                nd = nll.detach().double()
+                nd = nll.detach().double() if tilt is None else tilt.apply(nll.detach(), nll_hint.detach(), y, pos, scored)
                 acc += torch.stack([(nd * m).sum(), m.sum(), (luts.bytes(x, y, pos) * m).sum()])
                 if nll_out is not None:
                     nll_out[pos[scored]] = nd[scored].to(nll_out.dtype)
@@ -2969,6 +3172,7 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
     tokens_dev = tokens.to(device)
     docs = ttt_documents(tokens, model.bos_id)
     batches, phases = ttt_schedule(docs, cfg, world)
+    tilt = phased_ngram_tilt(tokens, docs, batches, cfg, device) if cfg.ngram_tilt_enabled else None  # inside the eval timer
     n_rounds = -(-len(batches) // world)
     C, W = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
     cost = [sum(ttt_doc_cost(docs[i][1], C, W) for i in b) for b in batches]
@@ -2988,7 +3192,7 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
                 if not cfg.ttt_warm_start_a:  # A drawn per batch index: the result does not depend on WORLD_SIZE
                     adapters.reset_a(cfg.seed * 1_000_003 + j)
                 ttt_score_batch(fwd, model, cfg, adapters, tokens_dev, [docs[i] for i in batches[j]], luts, device, acc, nll_out,
-                                min_rows=2 if fwd is not model else 1)
+                                min_rows=2 if fwd is not model else 1, tilt=tilt)
             if rnd % log_every == log_every - 1 or rnd == n_rounds - 1:  # the same rounds on every rank (a collective)
                 done = acc.clone()
                 if world > 1:
@@ -3026,6 +3230,8 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
     loss = (acc[0] / acc[1]).item()
     out = dict(val_loss=loss, val_bpb=loss / math.log(2) * (acc[1] / acc[2]).item(), tokens=int(acc[1].item()), bytes=int(acc[2].item()),
                docs=len(docs), batches=len(batches), phases=phase_stats, seconds=time.perf_counter() - t_start)
+    if tilt is not None:
+        out["ngram_tilt"] = tilt.summary("ttt", out["val_loss"], out["val_bpb"], world)
     if keep_nll:
         out["nll"] = nll_out.cpu()
     return out
@@ -3065,10 +3271,13 @@ def warm_ttt(fwd, model: GPT, cfg: Config, device, log: Logger | None = None) ->
     stream = torch.randint(0, cfg.vocab_size, (sum(lengths),), generator=g)
     docs = [(int(s), n) for s, n in zip(np.cumsum([0] + lengths[:-1]), lengths)]
     acc = torch.zeros(3, dtype=torch.float64, device=device)
+    # with the n-gram tilt the forward also takes the hints: warm that signature (no hint here: nothing is tilted)
+    tilt = NgramTilt(torch.zeros(len(stream), dtype=torch.long), torch.zeros(len(stream), dtype=torch.bool), cfg.ngram_token_boost) \
+        if cfg.ngram_tilt_enabled else None
     freeze_base(model, True)
     try:
         ttt_score_batch(fwd, model, cfg, adapters, stream.to(device), docs, _WarmBytes(), device, acc, None,
-                        min_rows=2 if fwd is not model else 1)
+                        min_rows=2 if fwd is not model else 1, tilt=tilt)
         if log is not None:  # which stage the compile time goes to (one line each)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -3144,15 +3353,19 @@ def code_info() -> tuple[bytes, str]:
     return code, hashlib.sha256(code).hexdigest()
 
 
-def warm_compiled(fwd, model: GPT, device, batch: int):
-    """Compile warmup on RANDOM tokens (never validation data), outside the eval timer."""
+def warm_compiled(fwd, model: GPT, device, batch: int, tilt: bool = False):
+    """Compile warmup on RANDOM tokens (never validation data), outside the eval timer; `tilt`: the forward that also
+    takes the n-gram hints."""
     if fwd is None:
         return 0.0
     t0 = time.perf_counter()
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, model.cfg.vocab_size, (batch, model.cfg.eval_seq_len + 1), generator=g).to(device)
     with torch.no_grad(), autocast_ctx(device):
-        fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1]), "none")
+        if tilt:  # called as score_windows calls it
+            fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1]), "none", None, hint=x[:, 1:])
+        else:
+            fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1]), "none")
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -3163,7 +3376,7 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     use_compile = cfg.compile and device.type == "cuda"
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     L = min(cfg.eval_seq_len, len(val) - 1)
-    warm_s = warm_compiled(fwd if use_compile else None, model, device, cfg.eval_batch_seqs)
+    warm_s = warm_compiled(fwd if use_compile else None, model, device, cfg.eval_batch_seqs, cfg.ngram_tilt_enabled)
     ttt_fwd = None
     if cfg.ttt_enabled and cfg.ttt_mode == "phased":  # the phased forward sees a new window length every chunk step
         ttt_fwd = compile_ttt(model) if use_compile and cfg.ttt_compile else model
@@ -3172,17 +3385,23 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
         warm_s += ttt_warm_s
     out: dict[str, Any] = {"eval_warmup_seconds": warm_s}
     t0 = time.perf_counter()
-    rl, rb, nt, nb = evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world)
+    # the n-gram hints in stream order (roundtrip, sliding, chunked TTT): built from val data, so inside the eval timer
+    tilt = stream_ngram_tilt(val, cfg, device) if cfg.ngram_tilt_enabled else None
+    rl, rb, nt, nb = evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world, tilt)
     t1 = time.perf_counter()
     log("roundtrip", val_loss=rl, val_bpb=rb, eval_s=t1 - t0, tokens=nt, bytes=nb)
+    if tilt is not None:
+        log("ngram_tilt", **tilt.summary("roundtrip", rl, rb, world))
     out.update(quant_val_loss=rl, quant_val_bpb=rb, val_tokens=nt, val_bytes=nb, final_val_loss=rl, final_val_bpb=rb, final_metric="roundtrip")
     out.update(sliding_val_loss=None, sliding_val_bpb=None, ttt_val_loss=None, ttt_val_bpb=None)
     if cfg.sliding_eval and cfg.eval_stride < L:
-        sl, sb, nt2, _ = evaluate(fwd, model, val, L, cfg.eval_stride, cfg.eval_batch_seqs, luts, device, rank, world)
+        sl, sb, nt2, _ = evaluate(fwd, model, val, L, cfg.eval_stride, cfg.eval_batch_seqs, luts, device, rank, world, tilt)
         t2 = time.perf_counter()
         assert nt2 == nt, "sliding eval must score exactly the same targets as the plain eval"
         n_win = len(eval_windows(len(val), L, cfg.eval_stride))
         log("sliding", val_loss=sl, val_bpb=sb, eval_s=t2 - t1, tokens=nt2, tok_s=n_win * L / (t2 - t1), windows=n_win)
+        if tilt is not None:
+            log("ngram_tilt", **tilt.summary("sliding", sl, sb, world))
         out.update(sliding_val_loss=sl, sliding_val_bpb=sb, sliding_seconds=t2 - t1, final_val_loss=sl, final_val_bpb=sb, final_metric="sliding")
     if cfg.ttt_enabled:
         t3 = time.perf_counter()
@@ -3191,8 +3410,12 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
             tl, tb = r["val_loss"], r["val_bpb"]
             assert r["tokens"] == nt, "phased TTT must score exactly the targets of the plain eval"
             out.update(ttt_docs=r["docs"], ttt_phases=r["phases"])
+            if "ngram_tilt" in r:
+                log("ngram_tilt", **r["ngram_tilt"])
         else:
-            tl, tb, _ = eval_ttt_chunked(model, val, cfg, luts, device, rank, world, log)
+            tl, tb, _ = eval_ttt_chunked(model, val, cfg, luts, device, rank, world, log, tilt)
+            if tilt is not None:
+                log("ngram_tilt", **tilt.summary("ttt", tl, tb, world))
         log("ttt", mode=cfg.ttt_mode, val_loss=tl, val_bpb=tb, eval_s=time.perf_counter() - t3)
         out.update(ttt_val_loss=tl, ttt_val_bpb=tb, ttt_seconds=time.perf_counter() - t3, final_val_loss=tl, final_val_bpb=tb, final_metric="ttt")
     out["eval_seconds"] = t_load + time.perf_counter() - t0
