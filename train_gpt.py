@@ -224,6 +224,10 @@ FIELDS: list[Field] = [
         _f("LQER_RANK", int, 4, "LQER rank"),
         _f("LQER_TOP_K", int, 3, "LQER on the K tensors with the largest error"),
         _f("LQER_GROUP", int, 64, "LQER INT4 group size", aliases=("LQER_ASYM_GROUP",)),
+        _f("AWQ_LITE_ENABLED", bool, False, "AWQ-lite inside GPTQ (PR #1908): in every GPTQ matrix the AWQ_LITE_GROUP_TOP_K most salient groups of AWQ_LITE_GROUP_SIZE input columns (group score = sum over its columns j of sqrt(H_jj) * mean_r |W_rj|: activation RMS x weight magnitude) are quantized at AWQ_LITE_BITS on the row's own clip range, in the same GPTQ solve"),
+        _f("AWQ_LITE_BITS", int, 8, "AWQ-lite: bits of the salient column groups (> MATRIX_BITS, <= 8); a tensor already at these bits is left as is"),
+        _f("AWQ_LITE_GROUP_TOP_K", int, 1, "AWQ-lite: salient column groups per matrix"),
+        _f("AWQ_LITE_GROUP_SIZE", int, 64, "AWQ-lite: consecutive input columns per group"),
         _f("BROTLI_LGWIN", int, 24, "brotli window log2 (10..24; brotli's own default is 22, the seeds' #1774/#1969)"),
         _f("LZMA_PRESET", int, 9, "lzma preset 0..9 (the seeds' #1774/#1969 use 6)"),
         _f("LZMA_EXTREME", bool, True, "lzma's EXTREME flag on top of LZMA_PRESET (the seeds use 0)"),
@@ -235,6 +239,10 @@ FIELDS: list[Field] = [
         _f("EVAL_BATCH_SEQS", int, 32, "windows per eval forward"),
         _f("SLIDING_EVAL", bool, True, "sliding-window eval of the roundtrip model (default: on unless TTT is on; TTT is the final metric then and the sliding pass would spend ~80 s of the eval budget)", aliases=("SLIDING_WINDOW_ENABLED",)),
         _f("MAX_EVAL_SECONDS", float, 600.0, "eval budget; exceeding it fails the run loudly"),
+        _f("NGRAM_TILT_ENABLED", bool, False, "token-only n-gram tilt of every final-metric pass (roundtrip, sliding, chunked and phased TTT; PR #2135): where the longest context (<= NGRAM_TOKEN_ORDER tokens) seen among already-scored val tokens has a continuation h with share >= NGRAM_TOKEN_THRESHOLD, the score uses p'(a) = p(a) exp(B [a=h]) / (1 + p(h) (e^B - 1)), B = NGRAM_TOKEN_BOOST: a normalized distribution. Built inside the eval timer"),
+        _f("NGRAM_TOKEN_ORDER", int, 16, "n-gram tilt: longest context, in tokens"),
+        _f("NGRAM_TOKEN_THRESHOLD", float, 0.8, "n-gram tilt: minimum share of the hinted token among the context's visible continuations, in (0.5, 1] (the hint is then the unique majority)"),
+        _f("NGRAM_TOKEN_BOOST", float, 2.625, "n-gram tilt: B, added to the hinted token's logit (nats) before renormalizing; >= 0 (0 = no change)"),
     ]),
     *group("ttt", [  # test-time training (score-first: every target is scored before any update that has seen it)
         _f("TTT_ENABLED", bool, True, "score-first LoRA test-time training on the val set (the final metric when on)"),
@@ -242,10 +250,12 @@ FIELDS: list[Field] = [
         _f("TTT_LORA_RANK", int, 80, "TTT LoRA rank"),
         _f("TTT_LORA_ALPHA", float, 144.0, "LoRA output scale = alpha / rank"),
         _f("TTT_LR", float, 1e-4, "TTT LoRA AdamW LR", aliases=("TTT_LORA_LR",)),
+        _f("TTT_LOCAL_LR_MULT", float, 1.0, "the LoRA AdamW LR is TTT_LR times this (PR #1953: 0.75); the global SGD keeps GLOBAL_TTT_LR"),
         _f("TTT_BETA1", float, 0.0, "TTT AdamW beta1"),
         _f("TTT_BETA2", float, 0.99, "TTT AdamW beta2"),
         _f("TTT_WEIGHT_DECAY", float, 0.5, "TTT AdamW weight decay"),
         _f("TTT_TARGETS", str, "q,k,v,o,mlp,head", "LoRA adapters per virtual layer: q,k,v (on the projections), o (block's normalized input -> attention output), mlp (MLP input -> MLP output), proj / up / down (on attn.proj / mlp.fc / mlp.proj), head (on the logits)"),
+        _f("TTT_MASK", str, "none", "none | no_qv: drop q and v from TTT_TARGETS (PR #1953: no Q/V LoRA)", choices=("none", "no_qv")),
         _f("TTT_WARM_START_A", bool, True, "phased: keep each document slot's A across batches (B and the AdamW state reset per batch); A is re-drawn after each global phase"),
         _f("TTT_DOCS_PER_BATCH", int, 64, "phased: documents adapted together (each with its own LoRA slice)", aliases=("TTT_BATCH_SIZE",)),
         _f("TTT_CHUNK_SIZE", int, 48, "phased: targets scored per step of a document before its LoRA trains on them"),
@@ -260,6 +270,7 @@ FIELDS: list[Field] = [
         _f("GLOBAL_TTT_CHUNK_TOKENS", int, 32768, "phased: tokens per global SGD step (the last chunk is not trained on)"),
         _f("GLOBAL_TTT_BATCH_SEQS", int, 32, "phased: sequences per forward in the global SGD (per rank)"),
         _f("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "phased: global SGD grad-norm clip; 0 = off"),
+        _f("ASYM_LOGIT_RESCALE", bool, False, "AsymLogit (PR #1923/#1945): eval and TTT use c+ tanh(z/c+) for logits z >= 0 and c- tanh(z/c-) below, two learnable scalars made at artifact load (not stored), both = LOGIT_SOFTCAP (the plain softcap); trained only by the phased global SGD phases, never by the LoRA or the main training"),
         _f("TTT_COMPILE", bool, False, "torch.compile the TTT forward (dynamic shapes; CUDA with COMPILE=1 only), warmed up on random tokens outside the eval timer; off by default: its compile is slower than the eager pass (BENCHMARKS.md, Phased TTT)"),
         _f("TTT_CHUNK_TOKENS", int, 32768, "chunked: val tokens scored per chunk before the LoRA trains on that chunk"),
         _f("TTT_EPOCHS", int, 1, "chunked: passes over each scored chunk"),
@@ -517,6 +528,12 @@ class Config(ConfigValues):
     def smear_width(self) -> int:
         return self.smear_gate_width or self.gate_width
 
+    @property
+    def ttt_target_list(self) -> list[str]:
+        """TTT_TARGETS as a list, less q and v with TTT_MASK=no_qv."""
+        drop = {"q", "v"} if self.ttt_mask == "no_qv" else set()
+        return [t for t in (t.strip() for t in self.ttt_targets.split(",")) if t and t not in drop]
+
     def layer_windows(self) -> list[int]:
         """Per physical layer: window in tokens, 0 = full causal context. Last layer is always L."""
         pat = self.window_pattern.upper()
@@ -636,12 +653,23 @@ class Config(ConfigValues):
             need(self.quant == "int8", f"INT8_CLIP_PERCENTILE={self.int8_clip_percentile} / INT8_SCALE_FLOOR={self.int8_scale_floor} shape the QUANT=int8 quantizer: set QUANT=int8 (QUANT={self.quant})")
         for name in ("MATRIX_BITS", "EMBED_BITS"):
             need(5 <= getattr(self, name.lower()) <= 8, f"{name}={getattr(self, name.lower())}: expected 5..8")
+        if self.awq_lite_enabled:
+            need(self.quant == "gptq", f"AWQ_LITE_ENABLED=1 works inside GPTQ: QUANT={self.quant} has no GPTQ solve (use QUANT=gptq)")
+            need(self.matrix_bits < self.awq_lite_bits <= 8, f"AWQ_LITE_BITS={self.awq_lite_bits}: expected MATRIX_BITS={self.matrix_bits} < bits <= 8")
+            need(self.awq_lite_group_top_k >= 1 and self.awq_lite_group_size >= 1,
+                 f"AWQ_LITE_GROUP_TOP_K={self.awq_lite_group_top_k} / AWQ_LITE_GROUP_SIZE={self.awq_lite_group_size}: expected >= 1")
+        need(not self.asym_logit_rescale or self.logit_softcap > 0, "ASYM_LOGIT_RESCALE=1 rescales the softcap: it needs LOGIT_SOFTCAP > 0")
         need(self.eval_seq_len >= 2 and 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         need(self.eval_batch_seqs >= 1 and self.gptq_calibration_batches >= 1, "EVAL_BATCH_SEQS and GPTQ_CALIBRATION_BATCHES must be >= 1")
+        need(1 <= self.ngram_token_order <= 64, f"NGRAM_TOKEN_ORDER={self.ngram_token_order}: expected 1..64")
+        need(0.5 < self.ngram_token_threshold <= 1.0, f"NGRAM_TOKEN_THRESHOLD={self.ngram_token_threshold}: expected (0.5, 1] (a unique majority continuation)")
+        need(0.0 <= self.ngram_token_boost <= 30.0, f"NGRAM_TOKEN_BOOST={self.ngram_token_boost}: expected 0..30 (nats added to one logit)")
         bad = [t for t in self.ttt_targets.split(",") if t.strip() and t.strip() not in TTT_TARGET_NAMES]
         need(not bad, f"TTT_TARGETS has unknown targets {bad}: expected a comma list of {','.join(TTT_TARGET_NAMES)}")
         need(not self.ttt_enabled or any(t.strip() for t in self.ttt_targets.split(",")) or self.ttt_mode == "phased" and self.phased_ttt_num_phases > 0,
              "TTT_TARGETS is empty: TTT would adapt nothing (set TTT_ENABLED=0, or TTT_MODE=phased with PHASED_TTT_NUM_PHASES > 0 for global SGD only)")
+        need(self.ttt_mask == "none" or self.ttt_target_list, f"TTT_MASK={self.ttt_mask} leaves no LoRA target of TTT_TARGETS={self.ttt_targets!r}")
+        need(self.ttt_local_lr_mult >= 0, f"TTT_LOCAL_LR_MULT={self.ttt_local_lr_mult}: expected >= 0")
         for name in ("TTT_CHUNK_TOKENS", "TTT_LORA_RANK", "TTT_DOCS_PER_BATCH", "TTT_CHUNK_SIZE", "TTT_GRAD_STEPS", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "TTT_EPOCHS"):
             need(getattr(self, name.lower()) >= 1, f"{name}={getattr(self, name.lower())}: expected >= 1")
         need(self.ttt_eval_seq_len >= self.ttt_chunk_size, f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be >= TTT_CHUNK_SIZE={self.ttt_chunk_size} (a window holds its chunk)")
@@ -1396,10 +1424,17 @@ class GPT(nn.Module):
         if cfg.parallel_start_layer > 0 and cfg.parallel_mode == "lanes":
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), cfg.parallel_resid_init))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+        self.register_parameter("asym_softcap", None)  # AsymLogit (c+, c-): made by add_asym_softcap at artifact load only
         self.looping_active = False
         self.grown = True  # GROW_LAYERS_FROM: the Trainer starts small and grows (eval and artifacts are full depth)
         if cfg.qat:
             enable_qat(self, cfg)
+
+    def add_asym_softcap(self) -> GPT:
+        """AsymLogit (PR #1923): learnable softcaps (c+, c-) for positive / negative logits, both LOGIT_SOFTCAP (the
+        plain softcap at creation). Made after the weights are loaded, so it is neither stored nor trained in training."""
+        self.asym_softcap = nn.Parameter(torch.full((2,), float(self.cfg.logit_softcap), device=self.tok_emb.weight.device))
+        return self
 
     def set_kernels(self, kernels: Kernels) -> GPT:
         """Attend / run the MLP backward with `kernels` (resolve_kernels for the model's device), before compile."""
@@ -1497,15 +1532,22 @@ class GPT(nn.Module):
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.effective_weight()
         logits = plus(F.linear(h, w.to(h.dtype)), lora_delta({"lora": lora}, "head", h)).float()
         c = self.cfg.logit_softcap
+        if self.asym_softcap is not None:  # c+ where z >= 0, c- below (one tanh: the cap is picked per logit)
+            c = torch.where(logits >= 0, self.asym_softcap[0], self.asym_softcap[1])
+            return c * torch.tanh(logits / c)
         return c * torch.tanh(logits / c) if c > 0 else logits
 
     def forward_logits(self, ids, masks=None, lora: dict | None = None):
         return self.logits_from_hidden(self.hidden(ids, masks, lora), lora)
 
-    def forward(self, ids, targets, masks=None, reduction: str = "mean", lora: dict | None = None):
+    def forward(self, ids, targets, masks=None, reduction: str = "mean", lora: dict | None = None, hint=None):
         logits = self.forward_logits(ids, masks, lora)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-        return loss if reduction == "mean" else loss.view(targets.shape)
+        loss = loss if reduction == "mean" else loss.view(targets.shape)
+        if hint is None:
+            return loss
+        # n-gram tilt (NgramTilt): also -log p(hint) per position, from the same logits
+        return loss, torch.logsumexp(logits, -1) - logits.gather(-1, hint.unsqueeze(-1)).squeeze(-1)
 
 
 def enable_qat(model: GPT, cfg: Config) -> None:
@@ -2118,10 +2160,32 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.to(torch.float32) * s).to(dtype)
 
 
+def awq_hi_scale(scale: torch.Tensor, bits: int, hi_bits: int) -> torch.Tensor:
+    """AWQ-lite: the per-row step of the high-precision columns, fp32 (rows,): the row's own clip range (qmax * s)
+    on the finer grid of hi_bits. Derived from the stored fp16 scale, so the artifact stores no second scale."""
+    return scale.float() * (_qmax(bits) / _qmax(hi_bits))
+
+
+def awq_salient_groups(W: torch.Tensor, H: torch.Tensor, group_size: int, top_k: int) -> list[int]:
+    """AWQ-lite saliency (PR #1908): input column j scores sqrt(H_jj) * mean_r |W_rj| (its activation RMS, H = E[x x^T] up
+    to a constant, times its weight magnitude); a group of `group_size` consecutive columns scores the sum over its
+    columns. Returns the indices of the top_k groups (ties to the lower index), ascending."""
+    cols = W.shape[1]
+    score = H.detach().diagonal().double().clamp_min(0).sqrt().to(W.device) * W.detach().double().abs().mean(0)
+    n_groups = -(-cols // group_size)
+    per_group = F.pad(score, (0, n_groups * group_size - cols)).view(n_groups, group_size).sum(1)
+    return sorted(torch.argsort(per_group, descending=True, stable=True)[:top_k].tolist())
+
+
+def awq_columns(groups: list[int], group_size: int, cols: int) -> torch.Tensor:
+    """The input columns of AWQ-lite groups (the last group may be short)."""
+    return torch.tensor([j for g in groups for j in range(g * group_size, min((g + 1) * group_size, cols))], dtype=torch.long)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float,
                   block_size: int = 128, damp: float = 0.01, act_order: bool = True,
                   max_retries: int = 4, math_dtype: torch.dtype = torch.float64,
-                  return_info: bool = False):
+                  return_info: bool = False, hi_cols: torch.Tensor | None = None, hi_bits: int = 8):
     """GPTQ (Frantar et al.) on the SDClip grid -> (q int8 (rows, cols), scale fp16 (rows,)).
 
     W: (rows, cols) weight used as y = x @ W.T;  H: (cols, cols) ~ sum of x^T x (any float
@@ -2129,6 +2193,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
     (float64 default: no TF32 surprises, deterministic, cheap at these sizes).
     If the Cholesky of H+damping fails, damping is multiplied by 10 up to `max_retries` times;
     if it still fails (or H/W are non-finite) we fall back to RTN on the same grid.
+    hi_cols (AWQ-lite): input columns quantized at hi_bits with step awq_hi_scale; the error feedback is the
+    same for every column (the OBS update holds for any per-column grid), so the other columns absorb their error too.
     With return_info=True also returns {"damp": relative damping used, "retries", "fallback"}.
     """
     if W.ndim != 2:
@@ -2140,8 +2206,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
     scale = sdclip_scales(W, bits, clip_sigmas)  # std of the original, unpermuted row
     info = {"damp": None, "retries": 0, "fallback": None}
 
+    hi = torch.zeros(cols, dtype=torch.bool, device=dev)
+    if hi_cols is not None:
+        hi[hi_cols.to(dev)] = True
+    qmax_hi = _qmax(hi_bits)
+
     def fallback(reason):
         q, s = quantize_rtn(W, bits, clip_sigmas)
+        if hi.any():  # the same mixed grid, rounded to nearest
+            s_hi = awq_hi_scale(s, bits, hi_bits).to(dev).unsqueeze(1)
+            q[:, hi] = torch.clamp(torch.round(W.detach().float()[:, hi] / s_hi), -qmax_hi, qmax_hi).to(torch.int8)
         info["fallback"] = reason
         return (q, s, info) if return_info else (q, s)
 
@@ -2182,6 +2256,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
     # 5-6. Column sweep: quantize column j, push its scaled error onto the not-yet-quantized
     # columns of the block immediately, and onto all later columns lazily once per block.
     s = scale.to(dev, math_dtype).unsqueeze(1)
+    s_hi = awq_hi_scale(scale, bits, hi_bits).to(dev, math_dtype).unsqueeze(1)
+    col_hi = hi[perm].tolist()
     Q = torch.zeros_like(Wf)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -2189,9 +2265,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
         Err = torch.zeros_like(W1)
         for j in range(i2 - i1):
             w = W1[:, j:j + 1]
-            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            sj, qm = (s_hi, qmax_hi) if col_hi[i1 + j] else (s, qmax)
+            q = torch.clamp(torch.round(w / sj), -qm, qm)
             Q[:, i1 + j:i1 + j + 1] = q
-            e = (w - q * s) / H1[j, j]
+            e = (w - q * sj) / H1[j, j]
             W1[:, j:] -= e * H1[j:j + 1, j:]
             Err[:, j:j + 1] = e
         if i2 < cols:
@@ -2275,12 +2352,16 @@ def select_lqer_targets(errors: dict, top_k: int) -> list:
 #   ("fp16",) / ("bf16",) / ("fp32",)    cast passthrough            -> name
 #   ("raw",)                             stored unchanged (any packable dtype) -> name
 # LQER factors of a target go to name.lqer.{a_q,a_s,b_q,b_s}.
-# meta = {"format": "pgq-state-v1",
+# AWQ-lite (awq=(hi_bits, top_k, group_size)): a GPTQ tensor below hi_bits stores its salient column groups in the
+# same name.q at hi_bits (step awq_hi_scale of name.scale) and names them in its entry's "awq"; the manifest is then
+# "pgq-state-v2", otherwise (every artifact without AWQ) "pgq-state-v1", byte for byte as before AWQ existed.
+# meta = {"format": "pgq-state-v1" | "pgq-state-v2",
 #         "tensors": {name: {"scheme", "dtype" (original), "shape", ["bits", "clip_sigmas"],
-#                            ["lqer": {"mode", "rank", "group"}]}},
-#         "stats":   {name: {"mse", "rel_fro", ["rel_out" (H-weighted), "gptq": {...},
+#                            ["awq": {"bits", "group_size", "groups"}], ["lqer": {"mode", "rank", "group"}]}},
+#         "stats":   {name: {"mse", "rel_fro", ["rel_out" (H-weighted), "gptq": {...}, "awq": {...},
 #                            "lqer_rel_fro" / "lqer_skipped"]}}}
 # Only "format" and "tensors" are needed to decode; drop "stats" (meta_for_storage) to save bytes.
+PGQ_FORMATS = ("pgq-state-v1", "pgq-state-v2")  # v2 = v1 + the "awq" entries
 
 _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _LQER_KEYS = ("a_q", "a_s", "b_q", "b_s")
@@ -2300,6 +2381,23 @@ def classify_tensor(name: str, numel: int, ndim: int, patterns, default_matrix=(
     return tuple(small) if ndim < 2 or numel <= small_numel else tuple(default_matrix)
 
 
+def dequantize_entry(q: torch.Tensor, scale: torch.Tensor, e: Mapping) -> torch.Tensor:
+    """q*s per row, with the AWQ-lite columns of manifest entry `e` (if any) on their finer step."""
+    W = dequantize(q, scale)
+    awq = e.get("awq")
+    if awq:
+        cols = awq_columns(awq["groups"], int(awq["group_size"]), q.shape[-1]).to(q.device)
+        W[:, cols] = q[:, cols].float() * awq_hi_scale(scale, int(e["bits"]), int(awq["bits"])).to(q.device).unsqueeze(1)
+    return W
+
+
+def _entropy_bits(q: torch.Tensor) -> float:
+    """Order-0 entropy of int8 codes in bits per code (what a byte-level compressor roughly pays)."""
+    p = torch.bincount(q.reshape(-1).to(torch.int64) + 128, minlength=256).double()
+    p = p[p > 0] / max(q.numel(), 1)
+    return float(-(p * p.log2()).sum())
+
+
 def meta_for_storage(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k != "stats"}
 
@@ -2317,9 +2415,10 @@ def _err_stats(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None = No
 def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: int = 0,
                         lqer_top_k: int = 0, lqer_group: int = 64, lqer_asym: bool = True,
                         lqer_refit: bool = False, block_size: int = 128, damp: float = 0.01,
-                        act_order: bool = True, on_missing_hessian: str = "error"):
+                        act_order: bool = True, on_missing_hessian: str = "error", awq: tuple | None = None):
     """Quantize every tensor per `plan` -> (tensors to pack (CPU), meta). See the schema above.
-    on_missing_hessian: "error" (default) or "rtn" (fall back, recorded in stats)."""
+    on_missing_hessian: "error" (default) or "rtn" (fall back, recorded in stats).
+    awq: None or (hi_bits, top_k, group_size): AWQ-lite on every GPTQ tensor below hi_bits."""
     tensors, meta = {}, {"format": "pgq-state-v1", "tensors": {}, "stats": {}}
     errors = {}  # LQER candidates: name -> ||W - W_hat||_F
 
@@ -2355,13 +2454,26 @@ def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: in
                 entry.update(bits=bits, clip_sigmas=k)
                 if kind == "gptq":
                     d = float(spec[3]) if len(spec) > 3 else damp
+                    hi = None
+                    if awq is not None and bits < int(awq[0]):
+                        hb, top_k, gs = (int(v) for v in awq)
+                        groups = awq_salient_groups(W, H, gs, top_k)
+                        hi = awq_columns(groups, gs, W.shape[1])
+                        entry["awq"] = {"bits": hb, "group_size": gs, "groups": groups}
                     q, s, st["gptq"] = gptq_quantize(W, H.to(W.device), bits, k, block_size, d,
-                                                     act_order, return_info=True)
+                                                     act_order, return_info=True, hi_cols=hi,
+                                                     hi_bits=int(awq[0]) if hi is not None else 8)
+                    if hi is not None:  # what the high-precision columns cost: bit width, and order-0 entropy of the codes
+                        is_hi = torch.zeros(W.shape[1], dtype=torch.bool, device=q.device)
+                        is_hi[hi.to(q.device)] = True
+                        n_hi = W.shape[0] * len(hi)
+                        st["awq"] = {"columns": len(hi), "extra_bits_raw": n_hi * (hb - bits), "extra_bits_entropy":
+                                     n_hi * (_entropy_bits(q[:, is_hi]) - _entropy_bits(q[:, ~is_hi])) if not is_hi.all() else 0.0}
                 else:
                     q, s = quantize_rtn(W, bits, k)
             put(name + ".q", q)
             put(name + ".scale", s)
-            W_hat = dequantize(q, s)
+            W_hat = dequantize_entry(q, s, entry)
             ok_h = H is not None and W.ndim == 2 and tuple(H.shape) == (W.shape[1],) * 2
             st.update(_err_stats(W, W_hat, H if ok_h else None))
             if kind in ("gptq", "rtn") and W.ndim == 2:
@@ -2380,7 +2492,7 @@ def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: in
     if lqer_rank > 0 and lqer_top_k > 0:
         for name in select_lqer_targets(errors, lqer_top_k):
             W = state_dict[name].detach()
-            W_hat = dequantize(tensors[name + ".q"], tensors[name + ".scale"]).to(W.device)
+            W_hat = dequantize_entry(tensors[name + ".q"], tensors[name + ".scale"], meta["tensors"][name]).to(W.device)
             f = lqer_factors(W, W_hat, lqer_rank, lqer_asym, lqer_group, lqer_refit)
             new_err = float((W.double() - lqer_apply(W_hat, f).double()).norm())
             if not new_err < errors[name]:  # never store a correction that does not help
@@ -2390,13 +2502,23 @@ def quantize_state_dict(state_dict: dict, hessians: dict, plan, *, lqer_rank: in
                 put(f"{name}.lqer.{k}", f[k])
             meta["tensors"][name]["lqer"] = {"mode": f["mode"], "rank": f["rank"], "group": f["group"]}
             meta["stats"][name]["lqer_rel_fro"] = new_err / max(float(W.double().norm()), 1e-30)
+    if any("awq" in e for e in meta["tensors"].values()):  # only then: artifacts without AWQ keep the v1 bytes
+        meta["format"] = "pgq-state-v2"
     return tensors, meta
+
+
+def awq_summary(meta: dict) -> dict:
+    """The awq_lite event: tensors with high-precision groups, their columns, and the extra bytes they cost (raw bit
+    width; order-0 entropy of the codes, closer to what the compressor pays)."""
+    st = [v["awq"] for v in meta["stats"].values() if "awq" in v]
+    return dict(tensors=len(st), columns=sum(a["columns"] for a in st), extra_bytes_raw=sum(a["extra_bits_raw"] for a in st) // 8,
+                extra_bytes_entropy=int(sum(a["extra_bits_entropy"] for a in st) / 8))
 
 
 def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
     """Inverse of quantize_state_dict: {name: tensor with the original dtype and shape}."""
-    if not isinstance(meta, dict) or meta.get("format") != "pgq-state-v1":
-        raise ValueError("meta is not a pgq-state-v1 quantization manifest")
+    if not isinstance(meta, dict) or meta.get("format") not in PGQ_FORMATS:
+        raise ValueError(f"meta is not a quantization manifest of {'/'.join(PGQ_FORMATS)}")
 
     def get(key):
         if key not in tensors:
@@ -2414,8 +2536,10 @@ def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
         if dtype is None:
             raise ValueError(f"tensor {name!r}: unknown original dtype {e.get('dtype')!r}")
         try:
+            if "awq" in e and (meta["format"] == "pgq-state-v1" or scheme != "gptq" or not _valid_awq(e, shape)):
+                raise ValueError(f"tensor {name!r}: malformed AWQ-lite entry {e['awq']!r}")
             if scheme in ("gptq", "rtn", "int8_row"):
-                W = dequantize(get(name + ".q"), get(name + ".scale"))
+                W = dequantize_entry(get(name + ".q"), get(name + ".scale"), e)
                 if "lqer" in e:
                     f = dict(e["lqer"], **{k: get(f"{name}.lqer.{k}") for k in _LQER_KEYS})
                     W = W + lqer_delta(f)
@@ -2427,6 +2551,14 @@ def dequantize_state_dict(tensors: dict, meta: dict, device="cpu") -> dict:
         except (RuntimeError, TypeError, KeyError, IndexError) as err:  # stored tensors that do not fit the manifest
             raise ValueError(f"tensor {name!r}: stored data does not fit its manifest entry ({type(err).__name__}: {err})") from None
     return out
+
+
+def _valid_awq(e: dict, shape: tuple) -> bool:
+    a = e["awq"]
+    if not (isinstance(a, dict) and len(shape) == 2 and type(e.get("bits")) is int and all(type(a.get(k)) is int for k in ("bits", "group_size"))
+            and isinstance(a.get("groups"), list) and all(type(g) is int for g in a["groups"])):
+        return False
+    return e["bits"] < a["bits"] <= 8 and a["group_size"] >= 1 and all(0 <= g * a["group_size"] < shape[1] for g in a["groups"])
 
 
 def serialize_state(tensors: dict, meta: dict, compressor: str = "brotli", shuffle: int = 2, **codec) -> bytes:
@@ -2522,7 +2654,8 @@ def quantize_model(model: GPT, cfg: Config, hessians: dict) -> tuple[dict, dict]
     sd = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
     return quantize_state_dict(sd, hessians, quant_plan(cfg, param_roles(model)), lqer_rank=cfg.lqer_rank if cfg.lqer_enabled else 0,
                                lqer_top_k=cfg.lqer_top_k, lqer_group=cfg.lqer_group, block_size=cfg.gptq_block_size,
-                               damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, on_missing_hessian="rtn")
+                               damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, on_missing_hessian="rtn",
+                               awq=(cfg.awq_lite_bits, cfg.awq_lite_group_top_k, cfg.awq_lite_group_size) if cfg.awq_lite_enabled else None)
 
 
 def build_artifact(tensors: dict, qmeta: dict, cfg: Config, bos_id: int) -> bytes:
@@ -2587,13 +2720,15 @@ def load_artifact(blob: bytes, device, env_overrides: Mapping[str, str] | None =
     model = GPT(cfg, bos_id)
     bake_shared_heads(model)  # stored weights are already baked; the forward must not re-tie
     model.load_state_dict(sd)
+    if cfg.asym_logit_rescale:
+        model.add_asym_softcap()
     model.looping_active = cfg.num_loops > 0
     return model.to(device).set_kernels(resolve_kernels(cfg, device)), cfg
 
 
 EVAL_OVERRIDABLE = {"DATA_PATH", "TOKENIZER_PATH", "VAL_MAX_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS", "EVAL_DOC_ATTENTION",
-                    "SLIDING_EVAL", "MAX_EVAL_SECONDS", "ATTN_BACKEND", "COMPILE", "RUN_ID", "RUN_DIR", "SEED"} | {
-                    f.name for f in FIELDS if f.name.startswith(("TTT_", "PHASED_TTT_", "GLOBAL_TTT_"))}
+                    "SLIDING_EVAL", "MAX_EVAL_SECONDS", "ATTN_BACKEND", "COMPILE", "RUN_ID", "RUN_DIR", "SEED", "ASYM_LOGIT_RESCALE"} | {
+                    f.name for f in FIELDS if f.name.startswith(("TTT_", "PHASED_TTT_", "GLOBAL_TTT_", "NGRAM_"))}
 
 # ----------------------------------------------------------------------------------------------
 # EVALUATION: val_bpb = sum(NLL nats) / ln2 / sum(bytes). Plain eval is the sliding eval with
@@ -2628,9 +2763,192 @@ class LUTs:
         return self.base[tgt] + (self.lead[tgt] & ~self.boundary[prev]).long()
 
 
+# ---- token-only n-gram tilt (NGRAM_TILT_ENABLED; PR #2135, after PR #1514) ------------------------
+# A causal token n-gram over the val tokens already scored proposes at most one "hint" token per target; the model's
+# distribution p at that target is tilted toward it and renormalized (B = NGRAM_TOKEN_BOOST, h = the hint):
+#     p'(a) = p(a) exp(B [a = h]) / Z,   Z = sum_a p(a) exp(B [a = h]) = 1 + p(h) (e^B - 1)
+#     -log p'(y) = -log p(y) - B [y = h] + log(1 + p(h) (e^B - 1))
+# p' sums to 1 over the vocabulary by construction and every p'(a) > 0, so the score stays a code length (Issue #1017
+# C2). Legality (C1, C3): the hint of target i is a function of tokens scored before i only. Visible to target i are
+# the occurrences (context -> continuation j) with j scored earlier: in stream order (roundtrip, sliding, chunked TTT;
+# the order a one-pass decoder reads, whatever rank scored a window) every j < i; in phased TTT the documents of all
+# earlier batches (batch order, the same on every WORLD_SIZE) plus the document's own targets before i, never a
+# batch-mate or a later batch. The tables are replayed in one vectorized pass (sorts + prefix maxima) instead of a
+# table updated after each token; ngram_hints never reads a target before it is scored (tests perturb each token).
+
+def _prefix_max_by_group(sorted_keys: torch.Tensor, value: torch.Tensor, mult: int, width: int) -> torch.Tensor:
+    """Inclusive running max of `value` (>= 0, < width * (group size + 1)) within each group of equal sorted_keys // mult
+    (contiguous in the sorted order): one global cummax, each group lifted above every earlier one."""
+    start = torch.searchsorted(sorted_keys, sorted_keys // mult * mult)
+    lift = 2 * width * start  # a group's values stay below the next group's lift: size + 1 <= 2 * size
+    return torch.cummax(value + lift, 0).values - lift
+
+
+def _count_before(sorted_keys: torch.Tensor, group: torch.Tensor, bound: torch.Tensor, mult: int) -> torch.Tensor:
+    """How many entries group * mult + position of `sorted_keys` have position < bound."""
+    return torch.searchsorted(sorted_keys, group * mult + bound) - torch.searchsorted(sorted_keys, group * mult)
+
+
+def _lookup(sorted_unique: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of each key in a sorted unique array, and whether it is there."""
+    i = torch.searchsorted(sorted_unique, keys).clamp_max(max(len(sorted_unique) - 1, 0))
+    return i, sorted_unique[i] == keys if len(sorted_unique) else torch.zeros_like(keys, dtype=torch.bool)
+
+
 @torch.no_grad()
-def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, batch: int, luts: LUTs, device, lora: dict | None = None):
-    """Sum of NLL (float64), scored targets, bytes over `wins` (this rank's share)."""
+def ngram_hints(stream: torch.Tensor, order: int, threshold: float, seg: torch.Tensor | None = None,
+                cut: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hint, has), both [N], for the targets of `stream` ([N] ids, any device). Target i's contexts are its last k tokens,
+    k <= order, never reaching before seg[i] (its document's first position; 0 = no documents); a document's first
+    position is no target. An occurrence is a target j with the same k-token context; it is visible to i when j < i, or,
+    with `cut` (phased TTT, cut[i] <= seg[i]), when j < cut[i] or j is in i's document before i. The hint is the majority
+    continuation of the LONGEST context with a visible occurrence, when its share of them is >= threshold (> 0.5, so the
+    majority is unique); otherwise has[i] = False. Exact (dense context ids, no hashing)."""
+    dev, N = stream.device, len(stream)
+    assert N < 2 ** 31 and threshold > 0.5
+    t = stream.long()
+    hint, has = torch.zeros(N, dtype=torch.long, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
+    if N < 2:
+        return hint, has
+    V, M = int(t.max()) + 1, N + 1  # key multipliers (any values above the largest token / position give the same ids)
+    seg = torch.zeros(N, dtype=torch.long, device=dev) if seg is None else seg.long()
+    live = torch.arange(N, device=dev)
+    live = live[live > seg]  # targets still in play at this order
+    ctx = torch.zeros_like(live)  # dense id of each live target's context of the previous order
+    for k in range(1, order + 1):
+        keep = live - k >= seg[live]
+        live, ctx = live[keep], ctx[keep]
+        _, ctx, cnt = torch.unique(ctx * V + t[live - k], return_inverse=True, return_counts=True)
+        # a context seen once in the whole stream matches nothing now or at any longer order: drop it (same result)
+        keep = cnt[ctx] >= 2
+        live, ctx = live[keep], ctx[keep]
+        if len(live) == 0:
+            break
+        matched, ok, tok = _ngram_order(t, live, ctx, seg[live], None if cut is None else cut[live], threshold, V, M)
+        at = live[matched]  # longer contexts come later and overwrite shorter ones
+        has[at], hint[at] = ok[matched], tok[matched]
+    return hint, has
+
+
+def _ngram_order(t, p, c, seg_p, cut_p, threshold: float, V: int, M: int):
+    """One order: p = the live targets (ascending), c = their dense context ids. Returns per target: matched (a visible
+    occurrence exists), ok (the majority share >= threshold) and the majority continuation."""
+    y = t[p]
+    bound = p if cut_p is None else cut_p  # part A: occurrences at positions < bound (stream order: all earlier ones)
+    S1, o1 = torch.sort(c * M + p)  # occurrences by (context, position)
+    pair_u, pair = torch.unique(c * V + y, return_inverse=True)  # (context, continuation) ids
+    S2 = torch.sort(pair * M + p).values
+    seen = _count_before(S2, pair, p, M) + 1  # occurrences of this (context, continuation) up to and including p
+    # running max over a context's occurrences of seen*V + continuation = the most frequent continuation so far
+    best = _prefix_max_by_group(S1, (seen * V + y)[o1], M, V)
+    end = torch.searchsorted(S1, c * M + bound)
+    n_a = end - torch.searchsorted(S1, c * M)
+    top_a = torch.where(n_a > 0, best[(end - 1).clamp_min(0)], 0)
+    cnt_a, tok_a = top_a // V, top_a % V
+    if cut_p is None:
+        n_tot, cnt, tok = n_a, cnt_a, tok_a
+    else:  # part B: the target's own document before it (positions >= seg >= cut), grouped by (context, document)
+        _, cs = torch.unique(c * M + seg_p, return_inverse=True)
+        ps_u, ps = torch.unique(pair * M + seg_p, return_inverse=True)
+        S3, o3 = torch.sort(cs * M + p)
+        S4 = torch.sort(ps * M + p).values
+        seen_doc = _count_before(S4, ps, p, M) + 1
+        best_b = _prefix_max_by_group(S3, (seen_doc * V + y)[o3], M, V)
+        end_b = torch.searchsorted(S3, cs * M + p)
+        n_b = end_b - torch.searchsorted(S3, cs * M)
+        top_b = torch.where(n_b > 0, best_b[(end_b - 1).clamp_min(0)], 0)
+        cnt_b, tok_b = top_b // V, top_b % V
+        # a majority of A + B is a majority of A or of B: total each part's candidate over both parts
+        pa, _ = _lookup(pair_u, c * V + tok_a)  # exists where n_a > 0
+        da, in_doc = _lookup(ps_u, pa * M + seg_p)
+        tot_a = cnt_a + torch.where(in_doc, _count_before(S4, da, p, M), 0)
+        pb, exists = _lookup(pair_u, c * V + tok_b)
+        tot_b = cnt_b + torch.where(exists, _count_before(S2, pb, bound, M), 0)
+        tot_a, tot_b = torch.where(n_a > 0, tot_a, 0), torch.where(n_b > 0, tot_b, 0)
+        n_tot = n_a + n_b
+        cnt, tok = torch.maximum(tot_a, tot_b), torch.where(tot_a >= tot_b, tok_a, tok_b)
+    matched = n_tot > 0
+    return matched, matched & (cnt.double() >= threshold * n_tot.double()), tok
+
+
+class NgramTilt:
+    """The hints of one scoring order (per target position of the val stream) and the tilt of the scores (formula
+    above). Accumulates per pass: scored targets, tilted targets, hits (target == hint), nats saved by the tilt."""
+
+    def __init__(self, hint: torch.Tensor, has: torch.Tensor, boost: float, seconds: float = 0.0):
+        self.hint, self.has, self.boost, self.seconds = hint, has, boost, seconds
+        self.log_z_scale = math.expm1(boost)
+        self.stats: torch.Tensor | None = None
+
+    def hint_at(self, pos: torch.Tensor) -> torch.Tensor:
+        if self.hint.device != pos.device:
+            self.hint, self.has = self.hint.to(pos.device), self.has.to(pos.device)
+        return self.hint[pos]
+
+    def apply(self, nll: torch.Tensor, nll_hint: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """-log p'(y) (float64) from -log p(y) and -log p(h) of the same forward."""
+        on = self.has[pos]
+        hit = on & (y == self.hint[pos])
+        nll = nll.double()
+        tilted = torch.where(on, nll - self.boost * hit + torch.log1p(torch.exp(-nll_hint.double()) * self.log_z_scale), nll)
+        m = scored.bool()
+        s = torch.stack([m.sum(), (on & m).sum(), (hit & m).sum()]).double()
+        s = torch.cat([s, ((nll - tilted) * m).sum()[None]])
+        self.stats = s if self.stats is None else self.stats + s
+        return tilted
+
+    def summary(self, name: str, loss: float, bpb: float, world: int) -> dict:
+        """The event:ngram_tilt fields of one pass (all ranks call it: one all-reduce), then reset for the next pass.
+        seconds = the table's build time, charged to the first pass that uses it (0 when reused)."""
+        s = self.stats if self.stats is not None else torch.zeros(4, dtype=torch.float64, device=self.hint.device)
+        if world > 1:
+            s = s.clone()
+            dist.all_reduce(s)
+        n, tilted, hits, saved = s.tolist()
+        out = dict(name=name, tokens=int(n), tilted=int(tilted), frac=tilted / max(n, 1), hit_rate=hits / max(tilted, 1),
+                   gain_bpb=saved / max(n, 1) * (bpb / loss if loss else 0.0), seconds=self.seconds)
+        self.stats, self.seconds = None, 0.0
+        return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stream_ngram_tilt(tokens: torch.Tensor, cfg: Config, device) -> NgramTilt:
+    """Hints in stream order (roundtrip, sliding, chunked TTT), computed on `device`."""
+    t0 = time.perf_counter()
+    hint, has = ngram_hints(tokens.to(device), cfg.ngram_token_order, cfg.ngram_token_threshold)
+    _sync(device)
+    return NgramTilt(hint, has, cfg.ngram_token_boost, time.perf_counter() - t0)
+
+
+def phased_ngram_tilt(tokens: torch.Tensor, docs: list[tuple[int, int]], batches: list[list[int]], cfg: Config, device) -> NgramTilt:
+    """Hints for phased TTT: the documents laid out in batch order, each seeing the earlier batches and its own prefix."""
+    t0 = time.perf_counter()
+    order = [d for b in batches for d in b]
+    lens, sizes = torch.tensor([docs[d][1] for d in order]), torch.tensor([len(b) for b in batches])
+    start = torch.cumsum(lens, 0) - lens  # each document's offset in the layout
+    cut_doc = torch.repeat_interleave(start[torch.cumsum(sizes, 0) - sizes], sizes)  # the offset of its batch's first document
+    doc = torch.repeat_interleave(torch.arange(len(order)), lens)
+    local = torch.arange(int(lens.sum())) - start[doc]
+    orig = torch.tensor([docs[d][0] for d in order])[doc] + local  # val-stream position of each layout position
+    hint_l, has_l = ngram_hints(tokens[orig].to(device), cfg.ngram_token_order, cfg.ngram_token_threshold,
+                                start[doc].to(device), cut_doc[doc].to(device))
+    tgt = (local >= 1).to(device)  # a document's first token is the previous one's last target
+    at = orig.to(device)[tgt]
+    hint = torch.zeros(len(tokens), dtype=torch.long, device=device)
+    has = torch.zeros(len(tokens), dtype=torch.bool, device=device)
+    hint[at], has[at] = hint_l[tgt], has_l[tgt]
+    _sync(device)
+    return NgramTilt(hint, has, cfg.ngram_token_boost, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, batch: int, luts: LUTs, device, lora: dict | None = None,
+                  tilt: NgramTilt | None = None):
+    """Sum of NLL (float64; n-gram tilted with `tilt`), scored targets, bytes over `wins` (this rank's share)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_tok = torch.zeros((), dtype=torch.float64, device=device)
     n_bytes = torch.zeros((), dtype=torch.float64, device=device)
@@ -2644,12 +2962,16 @@ def score_windows(fwd, model: GPT, tokens: torch.Tensor, wins, seq_len: int, bat
         idx = starts[:, None] + torch.arange(L + 1)[None, :]
         seq = tokens[idx].to(device, non_blocking=True)
         x, y = seq[:, :-1], seq[:, 1:]
-        with autocast_ctx(device):
-            nll = fwd(x, y, model.masks(x), "none", lora).double()
+        pos = idx[:, 1:].to(device)
         m = ar[None, :] >= (L - ns)[:, None]
+        with autocast_ctx(device):
+            if tilt is None:
+                nll = fwd(x, y, model.masks(x), "none", lora).double()
+            else:
+                nll = tilt.apply(*fwd(x, y, model.masks(x), "none", lora, hint=tilt.hint_at(pos)), y, pos, m)
         loss_sum += (nll * m).sum()
         n_tok += m.sum()
-        n_bytes += (luts.bytes(x, y, idx[:, 1:].to(device)) * m).sum()
+        n_bytes += (luts.bytes(x, y, pos) * m).sum()
     return loss_sum, n_tok, n_bytes
 
 
@@ -2661,13 +2983,14 @@ def _all_reduce(*ts, world: int):
     return ts
 
 
-def evaluate(fwd, model: GPT, tokens: torch.Tensor, seq_len: int, stride: int, batch: int, luts: LUTs, device, rank: int, world: int):
+def evaluate(fwd, model: GPT, tokens: torch.Tensor, seq_len: int, stride: int, batch: int, luts: LUTs, device, rank: int, world: int,
+             tilt: NgramTilt | None = None):
     """Distributed windowed eval -> (val_loss nats/token, val_bpb, scored tokens, bytes)."""
     wins = eval_windows(len(tokens), seq_len, stride)
     lo, hi = rank * len(wins) // world, (rank + 1) * len(wins) // world
     was = model.training
     model.eval()
-    ls, nt, nb = score_windows(fwd, model, tokens, wins[lo:hi], seq_len, batch, luts, device)
+    ls, nt, nb = score_windows(fwd, model, tokens, wins[lo:hi], seq_len, batch, luts, device, tilt=tilt)
     model.train(was)
     ls, nt, nb = _all_reduce(ls, nt, nb, world=world)
     loss = (ls / nt).item()
@@ -2694,8 +3017,8 @@ class TTTAdapters:
         dims, r = ttt_target_dims(cfg), cfg.ttt_lora_rank
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
-        for t in (t.strip() for t in cfg.ttt_targets.split(",")):
-            for key in (["head"] if t == "head" else [f"{vi}.{t}" for vi in range(n_virtual)]) if t else []:
+        for t in cfg.ttt_target_list:
+            for key in ["head"] if t == "head" else [f"{vi}.{t}" for vi in range(n_virtual)]:
                 fan_in, fan_out = dims[t]
                 self.a[key] = torch.empty(rows, r, fan_in, device=device, requires_grad=True)
                 self.b[key] = torch.zeros(rows, fan_out, r, device=device, requires_grad=True)
@@ -2729,7 +3052,7 @@ class TTTAdapters:
 
 
 def ttt_adamw(cfg: Config, params: list[torch.Tensor], device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.ttt_lr, betas=(cfg.ttt_beta1, cfg.ttt_beta2), eps=1e-10,
+    return torch.optim.AdamW(params, lr=cfg.ttt_lr * cfg.ttt_local_lr_mult, betas=(cfg.ttt_beta1, cfg.ttt_beta2), eps=1e-10,
                              weight_decay=cfg.ttt_weight_decay, fused=device.type == "cuda")
 
 
@@ -2765,7 +3088,8 @@ def ttt_chunks(wins, chunk_tokens: int) -> list[list[tuple[int, int]]]:
     return chunks
 
 
-def eval_ttt_chunked(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, device, rank: int, world: int, log: Logger | None = None):
+def eval_ttt_chunked(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, device, rank: int, world: int, log: Logger | None = None,
+                     tilt: NgramTilt | None = None):
     """TTT_MODE=chunked: for each chunk of sliding windows, first score it (no grad), then train one shared LoRA on
     exactly those already-scored targets. Returns (val_loss, val_bpb, per-chunk (loss_sum, tokens))."""
     L = min(cfg.eval_seq_len, len(tokens) - 1)
@@ -2780,7 +3104,8 @@ def eval_ttt_chunked(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, 
     try:
         for ci, cw in enumerate(chunks):
             lo, hi = rank * len(cw) // world, (rank + 1) * len(cw) // world
-            s = torch.stack(score_windows(model, model, tokens, cw[lo:hi], cfg.eval_seq_len, cfg.eval_batch_seqs, luts, device, adapters.weights()))
+            s = torch.stack(score_windows(model, model, tokens, cw[lo:hi], cfg.eval_seq_len, cfg.eval_batch_seqs, luts, device, adapters.weights(),
+                                          tilt))
             if world > 1:
                 dist.all_reduce(s)
             tot += s
@@ -2918,14 +3243,15 @@ def ttt_global_sgd(fwd, model: GPT, cfg: Config, stream: torch.Tensor, device, r
 
 
 def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens: torch.Tensor, docs: list[tuple[int, int]],
-                    luts: LUTs, device, acc: torch.Tensor, nll_out: torch.Tensor | None, min_rows: int = 1):
+                    luts: LUTs, device, acc: torch.Tensor, nll_out: torch.Tensor | None, min_rows: int = 1, tilt: NgramTilt | None = None):
     """One batch of documents: per chunk step, one forward scores every active document's chunk (added to `acc`:
     loss, tokens, bytes) and then trains each document's LoRA slice on it (not on a document's last chunk).
     `tokens` is the val stream on `device`; windows are gathered there (no host copy per step). Documents longest
     first make the active ones a prefix of the slots; `min_rows` pads a step with empty rows (no target scored, no
-    loss) so that a compiled forward never sees one row (dynamo specializes size 1: a second graph). Each document
-    has its own chunk size (TTT_CHUNK_SCHEDULE: short documents in smaller chunks); the slots are ordered by chunk
-    count (stable: with one chunk size this is the given longest-first order), so the active ones stay a prefix."""
+    loss) so that a compiled forward never sees one row (dynamo specializes size 1: a second graph). With `tilt` the score
+    is n-gram tilted; the LoRA still trains on the model's own NLL. Each document has its own chunk size
+    (TTT_CHUNK_SCHEDULE: short documents in smaller chunks); the slots are ordered by chunk count (stable: with one
+    chunk size this is the given longest-first order), so the active ones stay a prefix."""
     W = cfg.ttt_eval_seq_len
     chunks_of = lambda d: -(-(d[1] - 1) // cfg.ttt_chunk_for(d[1] - 1))  # noqa: E731
     docs = sorted(docs, key=lambda d: -chunks_of(d))
@@ -2960,10 +3286,11 @@ def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens:
             # with adapters the forward always records the graph (also on a batch's last, untrained step): one
             # compiled graph instead of a second, no-grad one
             with torch.set_grad_enabled(opt is not None), autocast_ctx(device):
-                nll = fwd(x, y, masks, "none", lora)
+                nll = fwd(x, y, masks, "none", lora) if tilt is None else fwd(x, y, masks, "none", lora, hint=tilt.hint_at(pos))
+            nll, nll_hint = (nll, None) if tilt is None else nll
             if step == 0:  # the score: this forward has seen no update from this chunk
                 m = scored.double()
-                nd = nll.detach().double()
+                nd = nll.detach().double() if tilt is None else tilt.apply(nll.detach(), nll_hint.detach(), y, pos, scored)
                 acc += torch.stack([(nd * m).sum(), m.sum(), (luts.bytes(x, y, pos) * m).sum()])
                 if nll_out is not None:
                     nll_out[pos[scored]] = nd[scored].to(nll_out.dtype)
@@ -2983,6 +3310,7 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
     tokens_dev = tokens.to(device)
     docs = ttt_documents(tokens, model.bos_id)
     batches, phases = ttt_schedule(docs, cfg, world)
+    tilt = phased_ngram_tilt(tokens, docs, batches, cfg, device) if cfg.ngram_tilt_enabled else None  # inside the eval timer
     n_rounds = -(-len(batches) // world)
     W = cfg.ttt_eval_seq_len
     cost = [sum(ttt_doc_cost(docs[i][1], cfg.ttt_chunk_for(docs[i][1] - 1), W) for i in b) for b in batches]
@@ -3003,7 +3331,7 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
                 if not cfg.ttt_warm_start_a:  # A drawn per batch index: the result does not depend on WORLD_SIZE
                     adapters.reset_a(cfg.seed * 1_000_003 + j)
                 ttt_score_batch(fwd, model, cfg, adapters, tokens_dev, [docs[i] for i in batches[j]], luts, device, acc, nll_out,
-                                min_rows=2 if fwd is not model else 1)
+                                min_rows=2 if fwd is not model else 1, tilt=tilt)
             if rnd % log_every == log_every - 1 or rnd == n_rounds - 1:  # the same rounds on every rank (a collective)
                 done = acc.clone()
                 if world > 1:
@@ -3026,6 +3354,8 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
                     st = ttt_global_sgd(fwd, model, cfg, ttt_phase_stream(tokens, prefix, model.bos_id), device, rank, world)
                     adapters = TTTAdapters(cfg, n_virtual, cfg.ttt_docs_per_batch, device, cfg.seed + 1000 * rank + 17 * (len(phase_stats) + 1))
                     st.update(phase=len(phase_stats) + 1, after_round=rnd + 1, docs=boundary, seconds=time.perf_counter() - t0)
+                    if model.asym_softcap is not None:
+                        st.update(softcap_pos=float(model.asym_softcap[0]), softcap_neg=float(model.asym_softcap[1]))
                     phase_stats.append(st)
                     if log is not None:
                         log("ttt_phase", **st)
@@ -3040,6 +3370,8 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
     out = dict(val_loss=loss, val_bpb=loss / math.log(2) * (acc[1] / acc[2]).item(), tokens=int(acc[1].item()), bytes=int(acc[2].item()),
                docs=len(docs), batches=len(batches), phases=phase_stats, seconds=time.perf_counter() - t_start,
                chunk_docs=",".join(f"{c}={chunk_docs[c]}" for c in sorted(chunk_docs)))
+    if tilt is not None:
+        out["ngram_tilt"] = tilt.summary("ttt", out["val_loss"], out["val_bpb"], world)
     if keep_nll:
         out["nll"] = nll_out.cpu()
     return out
@@ -3086,12 +3418,15 @@ def warm_ttt(fwd, model: GPT, cfg: Config, device, log: Logger | None = None) ->
     stream = torch.randint(0, cfg.vocab_size, (sum(lengths),), generator=g)
     docs = [(int(s), n) for s, n in zip(np.cumsum([0] + lengths[:-1]), lengths)]
     acc = torch.zeros(3, dtype=torch.float64, device=device)
+    # with the n-gram tilt the forward also takes the hints: warm that signature (no hint here: nothing is tilted)
+    tilt = NgramTilt(torch.zeros(len(stream), dtype=torch.long), torch.zeros(len(stream), dtype=torch.bool), cfg.ngram_token_boost) \
+        if cfg.ngram_tilt_enabled else None
     freeze_base(model, True)
     try:
         per = max(1, R - 1)
         for i in range(0, len(docs), per):  # more classes than slots: several batches
             ttt_score_batch(fwd, model, cfg, adapters, stream.to(device), docs[i:i + per], _WarmBytes(), device, acc, None,
-                            min_rows=2 if fwd is not model else 1)
+                            min_rows=2 if fwd is not model else 1, tilt=tilt)
         if log is not None:  # which stage the compile time goes to (one line each)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -3167,15 +3502,19 @@ def code_info() -> tuple[bytes, str]:
     return code, hashlib.sha256(code).hexdigest()
 
 
-def warm_compiled(fwd, model: GPT, device, batch: int):
-    """Compile warmup on RANDOM tokens (never validation data), outside the eval timer."""
+def warm_compiled(fwd, model: GPT, device, batch: int, tilt: bool = False):
+    """Compile warmup on RANDOM tokens (never validation data), outside the eval timer; `tilt`: the forward that also
+    takes the n-gram hints."""
     if fwd is None:
         return 0.0
     t0 = time.perf_counter()
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, model.cfg.vocab_size, (batch, model.cfg.eval_seq_len + 1), generator=g).to(device)
     with torch.no_grad(), autocast_ctx(device):
-        fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1]), "none")
+        if tilt:  # called as score_windows calls it
+            fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1]), "none", None, hint=x[:, 1:])
+        else:
+            fwd(x[:, :-1], x[:, 1:], model.masks(x[:, :-1]), "none")
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -3186,7 +3525,7 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     use_compile = cfg.compile and device.type == "cuda"
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     L = min(cfg.eval_seq_len, len(val) - 1)
-    warm_s = warm_compiled(fwd if use_compile else None, model, device, cfg.eval_batch_seqs)
+    warm_s = warm_compiled(fwd if use_compile else None, model, device, cfg.eval_batch_seqs, cfg.ngram_tilt_enabled)
     ttt_fwd = None
     if cfg.ttt_enabled and cfg.ttt_mode == "phased":  # the phased forward sees a new window length every chunk step
         ttt_fwd = compile_ttt(model) if use_compile and cfg.ttt_compile else model
@@ -3196,17 +3535,23 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
         warm_s += ttt_warm_s
     out: dict[str, Any] = {"eval_warmup_seconds": warm_s}
     t0 = time.perf_counter()
-    rl, rb, nt, nb = evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world)
+    # the n-gram hints in stream order (roundtrip, sliding, chunked TTT): built from val data, so inside the eval timer
+    tilt = stream_ngram_tilt(val, cfg, device) if cfg.ngram_tilt_enabled else None
+    rl, rb, nt, nb = evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world, tilt)
     t1 = time.perf_counter()
     log("roundtrip", val_loss=rl, val_bpb=rb, eval_s=t1 - t0, tokens=nt, bytes=nb)
+    if tilt is not None:
+        log("ngram_tilt", **tilt.summary("roundtrip", rl, rb, world))
     out.update(quant_val_loss=rl, quant_val_bpb=rb, val_tokens=nt, val_bytes=nb, final_val_loss=rl, final_val_bpb=rb, final_metric="roundtrip")
     out.update(sliding_val_loss=None, sliding_val_bpb=None, ttt_val_loss=None, ttt_val_bpb=None)
     if cfg.sliding_eval and cfg.eval_stride < L:
-        sl, sb, nt2, _ = evaluate(fwd, model, val, L, cfg.eval_stride, cfg.eval_batch_seqs, luts, device, rank, world)
+        sl, sb, nt2, _ = evaluate(fwd, model, val, L, cfg.eval_stride, cfg.eval_batch_seqs, luts, device, rank, world, tilt)
         t2 = time.perf_counter()
         assert nt2 == nt, "sliding eval must score exactly the same targets as the plain eval"
         n_win = len(eval_windows(len(val), L, cfg.eval_stride))
         log("sliding", val_loss=sl, val_bpb=sb, eval_s=t2 - t1, tokens=nt2, tok_s=n_win * L / (t2 - t1), windows=n_win)
+        if tilt is not None:
+            log("ngram_tilt", **tilt.summary("sliding", sl, sb, world))
         out.update(sliding_val_loss=sl, sliding_val_bpb=sb, sliding_seconds=t2 - t1, final_val_loss=sl, final_val_bpb=sb, final_metric="sliding")
     if cfg.ttt_enabled:
         t3 = time.perf_counter()
@@ -3216,9 +3561,13 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
             assert r["tokens"] == nt, "phased TTT must score exactly the targets of the plain eval"
             out.update(ttt_docs=r["docs"], ttt_phases=r["phases"])
             chunks = dict(chunk_schedule=cfg.ttt_chunk_schedule.replace(" ", "") or "off", chunk_docs=r["chunk_docs"])
+            if "ngram_tilt" in r:
+                log("ngram_tilt", **r["ngram_tilt"])
         else:
-            tl, tb, _ = eval_ttt_chunked(model, val, cfg, luts, device, rank, world, log)
+            tl, tb, _ = eval_ttt_chunked(model, val, cfg, luts, device, rank, world, log, tilt)
             chunks = {}
+            if tilt is not None:
+                log("ngram_tilt", **tilt.summary("ttt", tl, tb, world))
         log("ttt", mode=cfg.ttt_mode, val_loss=tl, val_bpb=tb, eval_s=time.perf_counter() - t3, **chunks)
         out.update(ttt_val_loss=tl, ttt_val_bpb=tb, ttt_seconds=time.perf_counter() - t3, final_val_loss=tl, final_val_bpb=tb, final_metric="ttt")
     out["eval_seconds"] = t_load + time.perf_counter() - t0
@@ -3338,6 +3687,8 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
 
     t0 = time.perf_counter()
     tensors, qmeta = quantize_model(model, cfg, hessians)
+    if cfg.awq_lite_enabled:
+        log("awq_lite", bits=cfg.awq_lite_bits, group_size=cfg.awq_lite_group_size, top_k=cfg.awq_lite_group_top_k, **awq_summary(qmeta))
     blob = build_artifact(tensors, qmeta, cfg, bos)
     quant_s = time.perf_counter() - t0
     art = run_dir / "final_model.ptz"

@@ -391,3 +391,182 @@ def test_quantize_state_dict_plan_errors_and_callable():
         tg.dequantize_state_dict(tensors, {})
     with pytest.raises(ValueError, match="missing stored tensor"):
         tg.dequantize_state_dict({}, meta)
+
+
+# ---- AWQ-lite (PR #1908): salient input-column groups at higher bits inside the GPTQ solve ---------------------
+
+PRE_AWQ_COMMIT = "9e30192"  # the last train_gpt.py without AWQ-lite: AWQ-off artifacts must keep its bytes
+
+
+def _salient_problem(rows=48, cols=256, n=2048, group=2, seed=3):
+    """Correlated inputs whose columns of group `group` (64 wide) carry 8x the activation: the salient group."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + 0.5 * torch.eye(cols)
+    X = torch.randn(n, cols, generator=g) @ mix
+    X[:, group * 64:(group + 1) * 64] *= 8
+    W = torch.randn(rows, cols, generator=g) * 0.02
+    return W, X, X.T @ X / n
+
+
+def _h_err(W, W_hat, H):
+    E = (W - W_hat).double()
+    return float(((E @ H.double()) * E).sum() / ((W.double() @ H.double()) * W.double()).sum())
+
+
+def _gptq_reference(W, H, bits, k, hi_cols, hi_bits, damp=0.01):
+    """Textbook GPTQ, one column at a time, no blocks and no act-order: quantize column j on its own grid (the mixed
+    AWQ grid), then spread its error over every later column with the row j of the upper Cholesky factor of H^-1."""
+    W, H = W.double().clone(), H.double().clone()
+    cols = W.shape[1]
+    H += damp * H.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    s = tg.sdclip_scales(W.float(), bits, k).double()
+    s_hi = tg.awq_hi_scale(s.half(), bits, hi_bits).double()
+    hi = set(hi_cols.tolist())
+    Q = torch.zeros_like(W)
+    for j in range(cols):
+        sj, qm = (s_hi, tg._qmax(hi_bits)) if j in hi else (s, tg._qmax(bits))
+        Q[:, j] = torch.clamp(torch.round(W[:, j] / sj), -qm, qm)
+        e = (W[:, j] - Q[:, j] * sj) / U[j, j]
+        W[:, j:] -= e[:, None] * U[j, j:][None, :]
+    return Q.to(torch.int8)
+
+
+def test_awq_saliency_formula():
+    W, X, H = _salient_problem()
+    assert tg.awq_salient_groups(W, H, 64, 1) == [2]
+    # the score is sum_j sqrt(H_jj) * mean_r |W_rj| per group: a group of large weights wins over equal activations
+    W2, H2 = torch.full((4, 8), 0.01), torch.eye(8)
+    W2[:, 4:6] = 1.0
+    assert tg.awq_salient_groups(W2, H2, 2, 1) == [2] and tg.awq_salient_groups(W2, H2, 2, 3) == [0, 1, 2]
+    H2[0, 0] = 1e6  # ... and a loud column wins over large weights
+    assert tg.awq_salient_groups(W2, H2, 2, 1) == [0]
+    assert tg.awq_salient_groups(W2, H2, 3, 3) == [0, 1, 2]  # the last group is short (cols 6..7)
+    assert tg.awq_columns([0, 2], 3, 8).tolist() == [0, 1, 2, 6, 7]
+
+
+def test_awq_gptq_mixed_bits_matches_reference_and_lowers_error():
+    W, X, H = _salient_problem()
+    hi = tg.awq_columns([2], 64, W.shape[1])
+    q_off, s_off = tg.gptq_quantize(W, H, 6, 12.0)
+    q, s = tg.gptq_quantize(W, H, 6, 12.0, hi_cols=hi, hi_bits=8)
+    assert torch.equal(s, s_off), "the per-row scale is the tensor's own: AWQ stores no second scale"
+    lo = torch.ones(W.shape[1], dtype=torch.bool)
+    lo[hi] = False
+    assert q[:, lo].abs().max() <= 31 and 31 < q[:, hi].abs().max() <= 127, "the salient group really is on the int8 grid"
+    W_awq = tg.dequantize_entry(q, s, {"bits": 6, "awq": {"bits": 8, "group_size": 64, "groups": [2]}})
+    assert torch.equal(W_awq[:, lo], tg.dequantize(q, s)[:, lo])
+    e_awq, e_off = _h_err(W, W_awq, H), _h_err(W, tg.dequantize(q_off, s_off), H)
+    assert e_awq < 0.5 * e_off, (e_awq, e_off)
+    # the GPTQ error feedback with a grid per column equals the textbook one-column-at-a-time solve (blocks of 32, no
+    # act-order; float64 in both, so only ties at a rounding boundary could differ)
+    q_blk = tg.gptq_quantize(W, H, 6, 12.0, block_size=32, act_order=False, hi_cols=hi, hi_bits=8)[0]
+    ref = _gptq_reference(W, H, 6, 12.0, hi, 8)
+    assert (q_blk != ref).float().mean() < 1e-3
+    # act-order permutes the columns: the high-precision ones follow their indices
+    assert _h_err(W, tg.dequantize_entry(q, s, {"bits": 6, "awq": {"bits": 8, "group_size": 64, "groups": [2]}}), H) < e_off
+    # RTN fallback (Cholesky impossible) keeps the mixed grid
+    qf, sf, info = tg.gptq_quantize(W, torch.full_like(H, float("nan")), 6, 12.0, hi_cols=hi, hi_bits=8, return_info=True)
+    assert info["fallback"] and 31 < qf[:, hi].abs().max() <= 127 and qf[:, lo].abs().max() <= 31
+
+
+def test_awq_off_is_bit_identical():
+    W, X, H = _salient_problem()
+    q0, s0 = tg.gptq_quantize(W, H, 6, 12.0)
+    q1, s1 = tg.gptq_quantize(W, H, 6, 12.0, hi_cols=torch.zeros(0, dtype=torch.long), hi_bits=8)
+    assert torch.equal(q0, q1) and torch.equal(s0, s1)
+    sd, hess, plan = _toy_state()
+    tensors, meta = tg.quantize_state_dict(sd, hess, plan)
+    assert meta["format"] == "pgq-state-v1" and not any("awq" in e for e in meta["tensors"].values())
+    blob = tg.serialize_state(tensors, tg.meta_for_storage(meta), "brotli")
+    # the same state through the train_gpt.py before AWQ-lite existed: the same bytes
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(tg.__file__).resolve().parent
+    old = subprocess.run(["git", "show", f"{PRE_AWQ_COMMIT}:train_gpt.py"], cwd=root, capture_output=True)
+    if old.returncode != 0:
+        pytest.skip(f"git history without commit {PRE_AWQ_COMMIT}")
+    path = Path(__import__("tempfile").mkdtemp()) / "train_gpt_pre_awq.py"
+    path.write_bytes(old.stdout)
+    spec = importlib.util.spec_from_file_location("train_gpt_pre_awq", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt_pre_awq"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        t_old, m_old = mod.quantize_state_dict(sd, hess, plan)
+        assert mod.serialize_state(t_old, mod.meta_for_storage(m_old), "brotli") == blob
+    finally:
+        sys.modules.pop("train_gpt_pre_awq", None)
+
+
+def test_awq_artifact_roundtrip():
+    sd, hess, plan = _toy_state()
+    off, meta_off = tg.quantize_state_dict(sd, hess, plan)
+    tensors, meta = tg.quantize_state_dict(sd, hess, plan, awq=(8, 1, 64))
+    assert meta["format"] == "pgq-state-v2" and set(tensors) == set(off), "AWQ stores no extra tensor"
+    awq = {n: e["awq"] for n, e in meta["tensors"].items() if "awq" in e}
+    assert set(awq) == {"blocks.0.attn.w", "blocks.0.mlp.fc"}, "GPTQ tensors only (the RTN one keeps its grid)"
+    assert all(a["bits"] == 8 and a["group_size"] == 64 and len(a["groups"]) == 1 for a in awq.values())
+    for n in awq:
+        st, st_off = meta["stats"][n], meta_off["stats"][n]
+        assert st["rel_out"] < st_off["rel_out"] and st["awq"]["columns"] == 64
+        assert st["awq"]["extra_bits_raw"] == sd[n].shape[0] * 64 * (8 - meta["tensors"][n]["bits"])
+    summary = tg.awq_summary(meta)
+    assert summary["tensors"] == 2 and summary["columns"] == 128 and summary["extra_bytes_raw"] == (64 * 64 * 2 + 128 * 64 * 3) // 8
+    assert 0 < summary["extra_bytes_entropy"]
+    blob = tg.serialize_state(tensors, tg.meta_for_storage(meta), "brotli")
+    tensors2, meta2 = tg.deserialize_state(blob)
+    sd2 = tg.dequantize_state_dict(tensors2, meta2)
+    for n, a in awq.items():
+        cols = tg.awq_columns(a["groups"], 64, sd[n].shape[1])
+        e = meta["tensors"][n]
+        step = tg.awq_hi_scale(tensors[n + ".scale"], e["bits"], 8)
+        assert torch.equal(sd2[n].float()[:, cols], (tensors[n + ".q"][:, cols].float() * step[:, None]).to(sd[n].dtype).float())
+        assert torch.equal(sd2[n], tg.dequantize_entry(tensors[n + ".q"], tensors[n + ".scale"], e).to(sd[n].dtype))
+    assert torch.equal(sd2["blocks.0.mlp.proj"], tg.dequantize_state_dict(off, meta_off)["blocks.0.mlp.proj"])
+    # a manifest that names AWQ columns must be v2 and well formed
+    for bad in (dict(meta2, format="pgq-state-v1"),
+                {**meta2, "tensors": {**meta2["tensors"], "blocks.0.attn.w": {**meta2["tensors"]["blocks.0.attn.w"], "awq": {"bits": 8, "group_size": 64, "groups": [2]}}}},
+                {**meta2, "tensors": {**meta2["tensors"], "blocks.0.attn.w": {**meta2["tensors"]["blocks.0.attn.w"], "awq": {"bits": 5, "group_size": 64, "groups": [0]}}}}):
+        with pytest.raises(ValueError, match="AWQ"):
+            tg.dequantize_state_dict(tensors2, bad)
+    # with LQER on top, the correction is fitted to the AWQ reconstruction
+    t3, m3 = tg.quantize_state_dict(sd, hess, plan, awq=(8, 1, 64), lqer_rank=4, lqer_top_k=2, lqer_group=64)
+    sd3 = tg.dequantize_state_dict(*tg.deserialize_state(tg.serialize_state(t3, tg.meta_for_storage(m3), "brotli")))
+    both = [n for n, e in m3["tensors"].items() if "lqer" in e and "awq" in e]
+    assert both
+    for n in both:  # (the bf16 tensor's stored weights are rounded to bf16 once more)
+        assert float((sd3[n].double() - sd[n].double()).norm() / sd[n].double().norm()) == pytest.approx(m3["stats"][n]["lqer_rel_fro"], rel=2e-3)
+
+
+def test_awq_model_artifact_and_config():
+    """A model config with AWQ on: quant_plan's GPTQ tensors get their groups, load_artifact gives back exactly
+    dequantize_state_dict's weights; the config checks name the variable."""
+    env = dict(VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="160", NUM_HEADS="4", NUM_KV_HEADS="2", NUM_LOOPS="0", PARALLEL_START_LAYER="0",
+               TRAIN_SEQ_LEN="32", TRAIN_BATCH_TOKENS="64", COMPILE="0", TTT_ENABLED="0", AWQ_LITE_ENABLED="1", AWQ_LITE_GROUP_SIZE="32")
+    cfg = tg.Config.from_env(env)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    plan = tg.quant_plan(cfg, tg.param_roles(model))
+    g = torch.Generator().manual_seed(1)
+    hess = {}
+    for n, t in model.state_dict().items():
+        if plan(n, t)[0] == "gptq":
+            X = torch.randn(256, t.shape[1], generator=g)
+            hess[n] = X.T @ X / 256
+    tensors, qmeta = tg.quantize_model(model, cfg, hess)
+    awq = {n for n, e in qmeta["tensors"].items() if "awq" in e}
+    assert awq and awq == set(hess) - ({"tok_emb.weight"} if cfg.embed_bits >= cfg.awq_lite_bits else set())
+    loaded, lcfg = tg.load_artifact(tg.build_artifact(tensors, qmeta, cfg, 1), torch.device("cpu"))
+    assert lcfg.awq_lite_enabled and loaded.asym_softcap is None
+    expect = tg.dequantize_state_dict(tensors, qmeta)
+    assert all(torch.equal(v, expect[k].to(v.dtype)) for k, v in loaded.state_dict().items())
+    for bad, msg in ((dict(QUANT="rtn"), "AWQ_LITE_ENABLED"), (dict(AWQ_LITE_BITS="6"), "AWQ_LITE_BITS"),
+                     (dict(AWQ_LITE_GROUP_TOP_K="0"), "AWQ_LITE_GROUP_TOP_K"), (dict(AWQ_LITE_GROUP_SIZE="0"), "AWQ_LITE_GROUP_SIZE")):
+        with pytest.raises(tg.ConfigError, match=msg):
+            tg.Config.from_env(dict(env, **bad))
+    assert not tg.Config.from_env({}).awq_lite_enabled

@@ -2,6 +2,7 @@
 that saw it; documents isolated from each other (within a batch and across the schedule); the global SGD phases train
 only on scored documents; WORLD_SIZE does not change the result; config defaults = the record; end to end."""
 import json
+import math
 import subprocess
 import sys
 
@@ -44,6 +45,8 @@ def run_phased(setup, tokens=None, **over):
     c = cfg.replace(**over)
     model = tg.GPT(c)
     model.load_state_dict(sd)
+    if c.asym_logit_rescale:  # as load_artifact does
+        model.add_asym_softcap()
     model.looping_active = True
     return tg.eval_ttt_phased(model, val if tokens is None else tokens, c, luts, CPU, 0, 1, keep_nll=True), model
 
@@ -117,10 +120,14 @@ def test_score_first_and_documents_isolated(setup):
     assert a["val_loss"] != z["val_loss"]
 
 
-def test_global_phases_train_only_on_scored_documents(setup):
+@pytest.mark.parametrize("asym", [False, True], ids=["softcap", "asym_logit"])
+def test_global_phases_train_only_on_scored_documents(setup, asym):
     """With phases: the document scored last (shortest, last batch) reaches no other score; a prefix document (the
-    longest, first batch) reaches the scores of batches after the first phase but none of its own batch-mates'."""
+    longest, first batch) reaches the scores of batches after the first phase but none of its own batch-mates'.
+    The same with ASYM_LOGIT_RESCALE (its two softcaps are trained by the global phases only)."""
     cfg, sd, luts, val = setup
+    cfg = cfg.replace(ASYM_LOGIT_RESCALE=asym)
+    setup = (cfg, sd, luts, val)
     a, _ = run_phased(setup, TTT_WARM_START_A=False)
     docs = tg.ttt_documents(val, 1)
     batches, phases = tg.ttt_schedule(docs, cfg, 1)
@@ -287,3 +294,109 @@ def test_compiled_ttt_forward_does_not_recompile_after_warmup(setup, duck_shape)
     else:
         assert warm_graphs == 1, f"the warmup compiled {warm_graphs} graphs (one dynamic graph expected)"
         assert len(graphs) == 1, f"the phased pass compiled {len(graphs) - warm_graphs} new graph(s) after the warmup"
+
+
+# ---- post-deadline levers: AsymLogit (PR #1923/#1945), TTT_LOCAL_LR_MULT and TTT_MASK (PR #1953) -------------------
+
+def test_asym_softcap_at_init_is_the_plain_softcap(setup):
+    """c+ = c- = LOGIT_SOFTCAP at creation: the same logits and loss as the plain softcap; the two caps act on the
+    positive / negative logits as c tanh(z / c) with their own c; made at artifact load only (never stored)."""
+    cfg, sd, luts, val = setup
+    model = tg.GPT(cfg)
+    model.load_state_dict(sd)
+    model.looping_active = True
+    x = val[:2 * 65].view(2, 65)
+    with torch.no_grad():
+        plain = model.forward_logits(x[:, :-1])
+        model.add_asym_softcap()
+        assert model.asym_softcap.tolist() == [cfg.logit_softcap] * 2
+        assert torch.equal(model.forward_logits(x[:, :-1]), plain)
+        h = model.hidden(x[:, :-1])
+        z = tg.F.linear(h, model.tok_emb.weight).float()
+        model.asym_softcap.copy_(torch.tensor([3.0, 40.0]))
+        ref = torch.where(z >= 0, 3.0 * torch.tanh(z / 3.0), 40.0 * torch.tanh(z / 40.0))
+        assert torch.allclose(model.logits_from_hidden(h), ref, rtol=1e-6, atol=1e-6)
+    assert "asym_softcap" not in tg.GPT(cfg).state_dict()
+    with pytest.raises(tg.ConfigError, match="ASYM_LOGIT_RESCALE"):
+        cfg.replace(ASYM_LOGIT_RESCALE=True, LOGIT_SOFTCAP=0.0)
+    assert {"ASYM_LOGIT_RESCALE", "TTT_MASK", "TTT_LOCAL_LR_MULT"} <= tg.EVAL_OVERRIDABLE
+
+
+def test_asym_softcap_trained_only_by_global_sgd(setup, monkeypatch):
+    """The per-document LoRA batches never move (c+, c-); every global SGD phase does; the ttt_phase stats carry the
+    values after their phase. With GLOBAL_TTT_LR=0 the whole pass scores exactly as without AsymLogit."""
+    seen = []
+
+    def watch(fn, kind):
+        def wrapped(fwd, model, *a, **k):
+            before = model.asym_softcap.detach().clone()
+            out = fn(fwd, model, *a, **k)
+            seen.append((kind, before, model.asym_softcap.detach().clone()))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(tg, "ttt_score_batch", watch(tg.ttt_score_batch, "lora"))
+    monkeypatch.setattr(tg, "ttt_global_sgd", watch(tg.ttt_global_sgd, "sgd"))
+    short = setup[3][:600]  # 10 documents: 3 batches, a global phase after each of the first two
+    r, model = run_phased(setup, tokens=short, ASYM_LOGIT_RESCALE=True, GLOBAL_TTT_LR=0.05)
+    assert [k for k, *_ in seen].count("sgd") == len(r["phases"]) == 2 and [k for k, *_ in seen].count("lora") == 3
+    for kind, before, after in seen:
+        assert torch.equal(before, after) != (kind == "sgd"), kind
+    sgd_after = [after for kind, _, after in seen if kind == "sgd"]
+    for p, after in zip(r["phases"], sgd_after):
+        assert (p["softcap_pos"], p["softcap_neg"]) == tuple(after.tolist())
+    monkeypatch.undo()
+    plain, _ = run_phased(setup, tokens=short, GLOBAL_TTT_LR=0.0)
+    frozen, m2 = run_phased(setup, tokens=short, ASYM_LOGIT_RESCALE=True, GLOBAL_TTT_LR=0.0)
+    assert m2.asym_softcap.tolist() == [setup[0].logit_softcap] * 2
+    assert torch.allclose(frozen["nll"], plain["nll"], rtol=0, atol=1e-6, equal_nan=True) and "softcap_pos" not in plain["phases"][0]
+
+
+def test_ttt_local_lr_mult_and_mask(setup):
+    """TTT_LOCAL_LR_MULT scales the LoRA AdamW LR only (the global SGD keeps GLOBAL_TTT_LR): TTT_LR=a with the
+    multiplier m scores exactly as TTT_LR=a*m. TTT_MASK=no_qv is TTT_TARGETS without q and v."""
+    cfg, sd, luts, val = setup
+    c = cfg.replace(TTT_LOCAL_LR_MULT=0.75)
+    assert tg.ttt_adamw(c, [torch.zeros(2, requires_grad=True)], CPU).param_groups[0]["lr"] == cfg.ttt_lr * 0.75
+    short = val[:600]
+    a, _ = run_phased(setup, tokens=short, TTT_LOCAL_LR_MULT=0.75)
+    b, _ = run_phased(setup, tokens=short, TTT_LR=cfg.ttt_lr * 0.75)
+    assert a["phases"], "a global phase runs: a multiplier that reached GLOBAL_TTT_LR would show"
+    assert torch.equal(a["nll"].nan_to_num(), b["nll"].nan_to_num())
+
+    m = cfg.replace(TTT_MASK="no_qv")
+    assert m.ttt_target_list == ["k", "o", "mlp", "head"] and cfg.ttt_target_list == ["q", "k", "v", "o", "mlp", "head"]
+    # the same adapters (names, shapes, A draws) as the explicit list: the TTT pass is then the same computation
+    ad, explicit = tg.TTTAdapters(m, 3, 2, CPU, 0), tg.TTTAdapters(cfg.replace(TTT_TARGETS="k,o,mlp,head"), 3, 2, CPU, 0)
+    assert sorted({k.split(".")[-1] for k in ad.a}) == ["head", "k", "mlp", "o"] and list(ad.a) == list(explicit.a)
+    assert all(torch.equal(ad.a[k], explicit.a[k]) and ad.b[k].shape == explicit.b[k].shape for k in ad.a)
+    for bad, msg in (({"TTT_MASK": "no_qv", "TTT_TARGETS": "q,v"}, "TTT_MASK=no_qv leaves no LoRA target"),
+                     ({"TTT_MASK": "qv"}, "TTT_MASK"), ({"TTT_LOCAL_LR_MULT": "-1"}, "TTT_LOCAL_LR_MULT")):
+        with pytest.raises(tg.ConfigError, match=msg):
+            tg.Config.from_env(bad)
+    d = tg.Config.from_env({})
+    assert (d.ttt_mask, d.ttt_local_lr_mult, d.asym_logit_rescale, d.awq_lite_enabled) == ("none", 1.0, False, False)
+
+
+def test_end_to_end_awq_lite_and_asym_logit(tmp_path):
+    """The smoke pipeline with AWQ-lite (on the int7 tied embedding, groups of 16 of its 64 columns) and AsymLogit with
+    phased TTT: event:awq_lite, a pgq-state-v2 artifact without the softcaps, and (c+, c-) in every ttt_phase."""
+    env = dict(PRESET="smoke", RUN_ID="levers", VAL_MAX_TOKENS="3000", EMBED_BITS="7", AWQ_LITE_ENABLED="1", AWQ_LITE_GROUP_SIZE="16",
+               ASYM_LOGIT_RESCALE="1", SLIDING_EVAL="0", **dict(SMALL, PHASED_TTT_NUM_PHASES="1"))
+    r = run_train(tmp_path, env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (awq,) = events(r.stdout, "awq_lite")
+    assert awq["tensors"] == "1" and awq["columns"] == "16" and int(awq["extra_bytes_raw"]) == 512 * 16 // 8
+    tensors, meta = tg.deserialize_state((tmp_path / "runs" / "levers" / "final_model.ptz").read_bytes())
+    assert meta["format"] == "pgq-state-v2" and meta["tensors"]["tok_emb.weight"]["awq"]["group_size"] == 16
+    assert not any("softcap" in k for k in tensors)
+    phases = events(r.stdout, "ttt_phase")
+    assert phases and all({"softcap_pos", "softcap_neg"} <= set(p) for p in phases)
+    from test_contract import documented_events
+    docs = documented_events()
+    for kv in (awq, *phases):  # the new keys are the documented ones (docs/FORMATS.md)
+        ev = "awq_lite" if kv is awq else "ttt_phase"
+        assert any(req <= set(kv) <= req | opt for req, opt in docs[ev]), (ev, sorted(kv))
+    s = json.loads((tmp_path / "runs" / "levers" / "summary.json").read_text())
+    # (one phase at GLOBAL_TTT_LR=0.01 moves c+ / c- below one float32 step of 30 on this model: values only)
+    assert s["final_metric"] == "ttt" and all(math.isfinite(p["softcap_pos"]) and math.isfinite(p["softcap_neg"]) for p in s["ttt_phases"])
