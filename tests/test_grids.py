@@ -16,7 +16,7 @@ GRID_FILES = sorted((ROOT / "experiments").glob("*.toml"))
 KNOWN = {f.name for f in tg.FIELDS} | set(tg.ALIASES)  # the grids use the current names, not LEGACY_GATE_FLAGS
 # Data-side sizes only: the architecture of the row is kept as is.
 SHRINK = dict(VOCAB_SIZE="256", TRAIN_SEQ_LEN="32", TRAIN_BATCH_TOKENS="64", EVAL_SEQ_LEN="32", EVAL_STRIDE="16",
-              COMPILE="0")
+              COMPILE="0", TRAIN_SEQ_SCHEDULE="")  # a length schedule is a training-loop setting (test_progressive_context)
 
 
 def env_str(value) -> str:
