@@ -20,3 +20,15 @@ def load_data_script(name: str):
     sys.modules[name] = mod  # dataclasses look the module up while the class body runs
     spec.loader.exec_module(mod)
     return mod
+
+
+def graph_counter():
+    """(backend, graphs): a torch.compile backend that records every graph dynamo hands it and runs it eagerly, so a
+    CPU test can count compiles and recompiles (the same dynamo guards as on the GPU)."""
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return counting, graphs

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import graph_counter
 
 
 def _math_attention(q, k, v, left, dout=None):
@@ -374,11 +375,7 @@ def test_compiled_doc_attention_step_has_one_graph_for_every_cu_seqlens_bucket(f
     m.set_kernels(tg.resolve_kernels(cfg, "cpu"))
     if not mark:
         monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda t, dim: None)
-    graphs = []
-
-    def counting(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
+    counting, graphs = graph_counter()
 
     torch._dynamo.reset()
     fwd = torch.compile(m, backend=counting)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import graph_counter
 from test_core import events, run_train, tiny_cfg
 from test_ttt import SMALL, run_phased, setup  # noqa: F401  (the phased fixture: a trained smoke model + val)
 
@@ -253,11 +254,7 @@ def test_compiled_ttt_forward_with_tilt_does_not_recompile(setup):  # noqa: F811
     model = tg.GPT(cfg)
     model.load_state_dict(sd)
     model.looping_active = True
-    graphs = []
-
-    def counting(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
+    counting, graphs = graph_counter()
 
     torch._dynamo.reset()
     old = fx_config.use_duck_shape

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import graph_counter
 from test_ttt import run_phased, setup  # noqa: F401  (the smoke-model fixture of the TTT tests)
 
 CPU = torch.device("cpu")
@@ -196,11 +197,7 @@ def test_compile_warmup_leaves_nothing_to_compile_in_the_timed_loop(shard, doc, 
     model = tg.GPT(cfg)
     if doc == "1":
         model.set_kernels(dataclasses.replace(model.kernels, varlen=fake_varlen))
-    graphs = []
-
-    def counting(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
+    counting, graphs = graph_counter()
 
     torch._dynamo.reset()
     try:
@@ -317,11 +314,8 @@ def test_warm_ttt_covers_every_chunk_class_and_nothing_recompiles(setup):  # noq
     model = tg.GPT(cfg)
     model.load_state_dict(sd)
     model.looping_active = True
-    graphs, seen = [], []
-
-    def counting(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
+    counting, graphs = graph_counter()
+    seen = []
 
     torch._dynamo.reset()
     score = tg.ttt_score_batch

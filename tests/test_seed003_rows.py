@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import graph_counter
 from feature_ref import BOS, V, build, make_cfg, perturb, ref_logits, token_ids
 
 
@@ -175,11 +176,7 @@ def test_qat_switch_does_not_recompile():
     import torch._dynamo
     cfg, m = build(QAT=1, **QAT_SHAPE)
     perturb(m, scale=0.05)
-    graphs = []
-
-    def counting(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
+    counting, graphs = graph_counter()
 
     torch._dynamo.reset()
     try:

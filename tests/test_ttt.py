@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import graph_counter
 from test_core import ROOT, events, run_train
 
 CPU = torch.device("cpu")
@@ -269,11 +270,7 @@ def test_compiled_ttt_forward_does_not_recompile_after_warmup(setup, duck_shape)
     model = tg.GPT(cfg)
     model.load_state_dict(sd)
     model.looping_active = True
-    graphs = []
-
-    def counting(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
+    counting, graphs = graph_counter()
 
     torch._dynamo.reset()
     old = fx_config.use_duck_shape
