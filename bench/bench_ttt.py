@@ -94,11 +94,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if mode == "none":
             fwd = torch.compile(model, dynamic=False) if use_compile else model
-            warm = tg.warm_compiled(fwd if use_compile else None, model, device, cfg.eval_batch_seqs)
+            warm = tg.warm_compiled(fwd if use_compile else None, model, device, cfg.eval_batch_seqs, cfg.ngram_tilt_enabled)
             t0 = time.perf_counter()
             L = min(cfg.eval_seq_len, len(val) - 1)
-            loss, bpb, nt, _ = tg.evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, 0, 1)
+            tilt = tg.stream_ngram_tilt(val, cfg, device) if cfg.ngram_tilt_enabled else None  # inside the timer, as in run_evals
+            loss, bpb, nt, _ = tg.evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, 0, 1, tilt)
             r = dict(val_loss=loss, val_bpb=bpb, tokens=nt, warmup_s=warm)
+            if tilt is not None:
+                r["ngram_tilt"] = tilt.summary("roundtrip", loss, bpb, 1)
         elif mode == "chunked":
             loss, bpb, chunks = tg.eval_ttt_chunked(model, val, cfg, luts, device, 0, 1, log)
             r = dict(val_loss=loss, val_bpb=bpb, tokens=int(sum(n for _, n in chunks)), chunks=len(chunks))
@@ -110,6 +113,8 @@ def main(argv=None) -> int:
             out = tg.eval_ttt_phased(model, val, cfg, luts, device, 0, 1, log, fwd)
             r = dict(val_loss=out["val_loss"], val_bpb=out["val_bpb"], tokens=out["tokens"], warmup_s=warm, phases=out["phases"],
                      batches=out["batches"])
+            if "ngram_tilt" in out:
+                r["ngram_tilt"] = out["ngram_tilt"]
         if device.type == "cuda":
             torch.cuda.synchronize()
         r["seconds"] = time.perf_counter() - t0
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
             r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             torch.cuda.reset_peak_memory_stats()
         res["modes"][mode] = r
-        log("bench_ttt", mode=mode, val_bpb=r["val_bpb"], tokens=r["tokens"], seconds=r["seconds"])
+        log("bench_ttt", mode=mode, val_bpb=r["val_bpb"], tokens=r["tokens"], seconds=r["seconds"],
+            **{f"ngram_{k}": v for k, v in r.get("ngram_tilt", {}).items() if k != "name"})
         del model
         torch._dynamo.reset()
     toks = {m: r["tokens"] for m, r in res["modes"].items()}

@@ -145,3 +145,53 @@ def test_check_attention_graph_tiny():
     assert set(graphs) == {"0", "1"}
     for g in graphs.values():
         assert (g["graph_count"], g["graph_break_count"], g["attn_ops"]) == ("1", "0", "0")
+
+
+def test_bench_quant_tiny_baseline_is_the_main_runs_artifact(tmp_path):
+    """bench_quant trains once and quantizes many ways: its first variant must be byte-identical to what train_gpt.py's
+    main writes for the same env, and a variant that changes training is refused."""
+    out = tmp_path / "q"
+    stdout = run([sys.executable, str(BENCH / "bench_quant.py"), "--tiny", "--out", str(out), "--save-artifact",
+                  "--variant", "base:", "--variant", "rtn:QUANT=rtn", "--variant", "lqer:LQER_ENABLED=1,LQER_RANK=2,GATE_QUANT_INT8=0"],
+                 timeout=300)
+    ev = events(stdout)
+    var = {e["name"]: e for e in ev["variant"]}
+    assert list(var) == ["base", "rtn", "lqer"] and num(var["base"]["d_bytes"]) == 0
+    assert num(var["rtn"]["hessian_s"]) == 0 and num(var["base"]["hessian_s"]) > 0
+    assert num(var["lqer"]["bytes_model"]) != num(var["base"]["bytes_model"])  # the LQER factors are stored
+    res = json.loads((out / "bench_quant.json").read_text())
+    assert res["variants"]["base"]["val_bpb"] == pytest.approx(num(var["base"]["val_bpb"]), abs=1e-5)
+    env = dict(PRESET="smoke", ITERATIONS="8", MAX_WALLCLOCK_SECONDS="0", VAL_MAX_TOKENS="4096", GPTQ_CALIBRATION_BATCHES="2",
+               TTT_ENABLED="0", SLIDING_EVAL="0", DATA_PATH=str(out / "smoke_data"), TOKENIZER_PATH=str(out / "smoke_data" / "smoke.model"),
+               RUN_DIR=str(tmp_path / "main"))
+    run([sys.executable, str(ROOT / "train_gpt.py")], timeout=300, env=env)
+    assert (tmp_path / "main" / "final_model.ptz").read_bytes() == (out / "final_model.ptz").read_bytes()
+    # bench_ttt's no-TTT mode applies the n-gram tilt as train_gpt's roundtrip eval does (same bpb as --eval-only)
+    tt = [sys.executable, str(BENCH / "bench_ttt.py"), str(out / "final_model.ptz"), "--data-path", env["DATA_PATH"],
+          "--tokenizer", env["TOKENIZER_PATH"], "--modes", "none", "--set", "VAL_MAX_TOKENS=4096"]
+    plain = events(run(tt + ["--out", str(tmp_path / "t0")]))["bench_ttt"][0]
+    tilted = events(run(tt + ["--out", str(tmp_path / "t1"), "--set", "NGRAM_TILT_ENABLED=1"]))["bench_ttt"][0]
+    assert "ngram_tilted" not in plain and num(tilted["ngram_tilted"]) > 0
+    assert num(plain["val_bpb"]) == pytest.approx(num(var["base"]["val_bpb"]), abs=1e-6)
+    ev = dict(env, RUN_DIR=str(tmp_path / "ev"), NGRAM_TILT_ENABLED="1")
+    rt = events(run([sys.executable, str(ROOT / "train_gpt.py"), "--eval-only", str(out / "final_model.ptz")], timeout=300, env=ev))["roundtrip"][0]
+    assert num(tilted["val_bpb"]) == pytest.approx(num(rt["val_bpb"]), abs=1e-6) and num(tilted["val_bpb"]) != num(plain["val_bpb"])
+    p = subprocess.run([sys.executable, str(BENCH / "bench_quant.py"), "--tiny", "--out", str(tmp_path / "bad"), "--variant", "x:SEED=3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "SEED changes training" in p.stderr
+
+
+def test_bench_ngram_tiny(tmp_path):
+    """bench_ngram times train_gpt's own table builders on the val stream and projects the full val set from the largest size."""
+    import train_gpt as tg  # conftest puts the repo root on sys.path
+    d = tmp_path / "smoke"
+    tg.build_smoke_dataset(str(d), str(d / "smoke.model"), 512, lambda m: None)
+    stdout = run([sys.executable, str(BENCH / "bench_ngram.py"), "--data-path", str(d), "--tokenizer", str(d / "smoke.model"),
+                  "--out", str(tmp_path / "b"), "--reps", "1,2", "--set", "VOCAB_SIZE=512"])
+    ev = events(stdout)
+    builds = ev["ngram_build"]
+    assert [(b["layout"], b["tokens"]) for b in builds][::2] == [("stream", builds[0]["tokens"]), ("stream", str(2 * int(builds[0]["tokens"])))]
+    assert all(num(b["seconds"]) > 0 and 0 < num(b["hinted_frac"]) <= 1 for b in builds)
+    res = json.loads((tmp_path / "b" / "bench_ngram.json").read_text())
+    last = res["runs"][-1]
+    assert last["layout"] == "phased" and res["projection"]["sp8192"]["phased"] == pytest.approx(last["s_per_m_tokens"] * 40.54)
