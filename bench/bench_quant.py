@@ -19,6 +19,7 @@ Output: key:value lines and <out>/bench_quant.{log,json,md}.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     name, sep, rest = spec.partition(":")
     if not sep or not name:
         raise SystemExit(f"--variant {spec!r}: expected NAME:KEY=VAL,KEY=VAL (NAME: alone = the config as trained)")
-    sets = parse_sets([kv for kv in rest.split(",") if kv.strip()])
+    sets = parse_sets([kv for kv in re.split(r",(?=[A-Z_][A-Z0-9_]*=)", rest) if kv.strip()])  # K=a,b stays whole
     bad = [k for k in sets if k.startswith(TRAIN_ONLY)]
     if bad:
         raise SystemExit(f"--variant {name}: {bad[0]} changes training, not quantization (train once, quantize many ways)")

@@ -195,3 +195,16 @@ def test_bench_ngram_tiny(tmp_path):
     res = json.loads((tmp_path / "b" / "bench_ngram.json").read_text())
     last = res["runs"][-1]
     assert last["layout"] == "phased" and res["projection"]["sp8192"]["phased"] == pytest.approx(last["s_per_m_tokens"] * 40.54)
+
+
+def test_run_levers_tiny(tmp_path):
+    """bench/run_levers.sh: bench_quant, then bench_ttt per eval lever on its artifact, one LEVERS.md; a setting whose
+    value holds commas (TTT_CHUNK_SCHEDULE) reaches bench_ttt whole."""
+    out = tmp_path / "lv"
+    stdout = run(["bash", str(BENCH / "run_levers.sh"), str(out)], timeout=900,
+                 env=dict(LEVERS_TINY="1", QUANT_VARIANTS="base: rtn:QUANT=rtn", TTT_VARIANTS="base: chunks:TTT_CHUNK_SCHEDULE=64:8,200:16"))
+    assert "bench_quant rc=0" in stdout and "bench_ttt base rc=0" in stdout and "bench_ttt chunks rc=0" in stdout
+    md = (out / "LEVERS.md").read_text()
+    assert "| rtn | QUANT=rtn |" in md and "| chunks | TTT_CHUNK_SCHEDULE=64:8,200:16 |" in md and "did not finish" not in md
+    ph = json.loads((out / "ttt_chunks" / "bench_ttt.json").read_text())["modes"]["phased"]
+    assert ph["config"]["TTT_CHUNK_SCHEDULE"] == "64:8,200:16"
