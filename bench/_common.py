@@ -36,6 +36,9 @@ TINY_ENV = dict(
     NUM_LOOPS="1", LOOP_START="0", LOOP_END="1", PARALLEL_START_LAYER="1", WARMUP_STEPS="1", COMPILE="0",
 )
 
+# Tokens of the challenge's full validation set (first 50,000 docs) per tokenizer: the eval projections' target.
+FULL_VAL_TOKENS = {"sp8192_caseops": 47_850_000, "sp8192": 40_540_000}
+
 # Per-GPU throughput the record pace needs: 786432 tokens/step at 121.7 ms/step on 8 GPUs.
 TARGET_TOK_S_PER_GPU = 786432 / 0.1217 / 8
 TARGET_MFU = 0.40

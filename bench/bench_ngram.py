@@ -20,9 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Out, md_table, parse_sets, pick_device, tg  # noqa: E402
-
-FULL_VAL_TOKENS = {"sp8192_caseops": 47_850_000, "sp8192": 40_540_000}
+from _common import FULL_VAL_TOKENS, Out, device_name, md_table, parse_sets, pick_device, tg  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,7 +38,7 @@ def main(argv=None) -> int:
     sp, _ = tg.load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
     bos = sp.bos_id() if sp.bos_id() >= 0 else 1
     out = Out(a.out, "bench_ngram")
-    rows, res = [], dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
+    rows, res = [], dict(device=device_name(device), torch=torch.__version__,
                          order=cfg.ngram_token_order, threshold=cfg.ngram_token_threshold, runs=[])
     for rep in (int(r) for r in a.reps.split(",")):
         toks = val.repeat(rep)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Out, build_env, knob_env, md_table, parse_sets, pick_device, tg  # noqa: E402
+from _common import Out, build_env, device_name, knob_env, md_table, parse_sets, pick_device, tg  # noqa: E402
 
 # Training-side fields a variant must not change: the weights are trained once.
 TRAIN_ONLY = ("NUM_", "MODEL_DIM", "VOCAB_SIZE", "TRAIN_", "ITERATIONS", "SEED", "MATRIX_LR", "EMBED_LR", "QK_", "QAT")
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     # ---- quantize the same weights every way ----
     hess_cache: dict[int, tuple[dict, float]] = {}
-    rows, res = [], dict(device=tg.torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
+    rows, res = [], dict(device=device_name(device), torch=torch.__version__,
                          train_env=knob_env(env), prequant=dict(val_loss=pl, val_bpb=pb, tokens=nt, **stats), variants={})
     vcfgs, hess = {}, {}
     for name, sets in variants:  # Hessians first, one pass per calibration count, shared by the variants that use it
@@ -116,19 +116,18 @@ def main(argv=None) -> int:
 
     # GPTQ stays on the main thread: it is a Python loop of small kernels, and several such loops in threads (or
     # processes sharing the GPU) convoy on the GIL / the GPU's context switches (measured: far slower than in turn).
-    t_all, futures, quant_times = time.perf_counter(), {}, {}
+    t_all, pending = time.perf_counter(), {}
     with ThreadPoolExecutor(max_workers=a.threads) as pool:
         for name in vcfgs:
             t0 = time.perf_counter()
             tensors, qmeta = tg.quantize_model(model, vcfgs[name], hess[name][0])
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            quant_times[name] = time.perf_counter() - t0
-            futures[name] = (pool.submit(pack, name, tensors, qmeta), qmeta)
-        packed = {name: (f.result()[0], qmeta, quant_times[name], f.result()[1]) for name, (f, qmeta) in futures.items()}
+            pending[name] = (pool.submit(pack, name, tensors, qmeta), qmeta, time.perf_counter() - t0)
+        packed = {name: (*f.result(), qmeta, quant_s) for name, (f, qmeta, quant_s) in pending.items()}
     out("packed", variants=len(packed), threads=a.threads, seconds=time.perf_counter() - t_all)
     for i, (name, sets) in enumerate(variants):
-        blob, qmeta, quant_s, pack_s = packed[name]
+        blob, pack_s, qmeta, quant_s = packed[name]
         hess_s = hess[name][1]
         qmodel, _ = tg.load_artifact(blob, device)
         ql, qb, qt, _ = tg.evaluate(qmodel, qmodel, val, L, L, cfg.eval_batch_seqs, luts, device, 0, 1)

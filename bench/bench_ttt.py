@@ -31,10 +31,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import md_table, parse_sets, tg  # noqa: E402
+from _common import FULL_VAL_TOKENS, md_table, parse_sets, tg  # noqa: E402
 
 RECORD_PHASE_TOKENS = (131 + 219 + 289) * 32768  # #1855 seed 42: global SGD chunks over its 3 phases
-FULL_VAL_TOKENS = {"sp8192_caseops": 47_850_000, "sp8192": 40_540_000}
 FULL_VAL_DOCS = 50_000
 
 
