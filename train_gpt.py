@@ -214,7 +214,7 @@ FIELDS: list[Field] = [
         _f("EMBED_CLIP_SIGMAS", float, 15.0, "SDClip k for the embedding (15 with brotli as #1851/#1868; #1855 used 14 with lrzip)"),
         _f("QAT", bool, False, "quantization-aware training (PR #1125 row 37): from QAT_START_FRAC on, every quantized block matrix is used through the artifact's round trip (RTN on its grid: MATRIX_BITS and the class clip, int8 rows for QUANT=int8), gradients straight through"),
         _f("QAT_START_FRAC", float, 0.0, "training fraction at which QAT switches on (a buffer: no recompile; the PR gives no start)"),
-        _f("GPTQ_CALIBRATION_BATCHES", int, 16, "training batches for the GPTQ Hessians"),
+        _f("GPTQ_CALIBRATION_BATCHES", int, 32, "training batches for the GPTQ Hessians (32: PR #2135, and -0.00012 bpb / -292 bytes vs 16 on one H200-trained model, BENCHMARKS.md)"),
         _f("GPTQ_BLOCK_SIZE", int, 128, "GPTQ column block"),
         _f("GPTQ_DAMP", float, 0.01, "GPTQ damping as a fraction of mean(diag H)"),
         _f("GPTQ_ACT_ORDER", bool, True, "GPTQ columns in descending diag(H) order"),
@@ -239,7 +239,7 @@ FIELDS: list[Field] = [
         _f("EVAL_BATCH_SEQS", int, 32, "windows per eval forward"),
         _f("SLIDING_EVAL", bool, True, "sliding-window eval of the roundtrip model (default: on unless TTT is on; TTT is the final metric then and the sliding pass would spend ~80 s of the eval budget)", aliases=("SLIDING_WINDOW_ENABLED",)),
         _f("MAX_EVAL_SECONDS", float, 600.0, "eval budget; exceeding it fails the run loudly"),
-        _f("NGRAM_TILT_ENABLED", bool, False, "token-only n-gram tilt of every final-metric pass (roundtrip, sliding, chunked and phased TTT; PR #2135): where the longest context (<= NGRAM_TOKEN_ORDER tokens) seen among already-scored val tokens has a continuation h with share >= NGRAM_TOKEN_THRESHOLD, the score uses p'(a) = p(a) exp(B [a=h]) / (1 + p(h) (e^B - 1)), B = NGRAM_TOKEN_BOOST: a normalized distribution. Built inside the eval timer"),
+        _f("NGRAM_TILT_ENABLED", bool, True, "token-only n-gram tilt of every final-metric pass (roundtrip, sliding, chunked and phased TTT; PR #2135): where the longest context (<= NGRAM_TOKEN_ORDER tokens) seen among already-scored val tokens has a continuation h with share >= NGRAM_TOKEN_THRESHOLD, the score uses p'(a) = p(a) exp(B [a=h]) / (1 + p(h) (e^B - 1)), B = NGRAM_TOKEN_BOOST: a normalized distribution. Built inside the eval timer. On by default: -0.137 phased bpb on an H200-trained artifact (BENCHMARKS.md); 0 = the records' plain score"),
         _f("NGRAM_TOKEN_ORDER", int, 16, "n-gram tilt: longest context, in tokens"),
         _f("NGRAM_TOKEN_THRESHOLD", float, 0.8, "n-gram tilt: minimum share of the hinted token among the context's visible continuations, in (0.5, 1] (the hint is then the unique majority)"),
         _f("NGRAM_TOKEN_BOOST", float, 2.625, "n-gram tilt: B, added to the hinted token's logit (nats) before renormalizing; >= 0 (0 = no change)"),
@@ -262,6 +262,7 @@ FIELDS: list[Field] = [
         _f("TTT_CHUNK_SCHEDULE", str, "", "phased, short-document chunks (PR #2014): MAXLEN:CHUNK,... = documents of at most MAXLEN tokens (BOS included) use chunk size CHUNK, longer ones TTT_CHUNK_SIZE, e.g. 256:8,2000:24; MAXLEN increasing; '' = TTT_CHUNK_SIZE for all"),
         _f("TTT_EVAL_SEQ_LEN", int, 2048, "phased: causal window (within the document) ending at each chunk"),
         _f("TTT_GRAD_STEPS", int, 1, "phased: LoRA optimizer steps per scored chunk"),
+        _f("TTT_ROWS_PER_FORWARD", int, 0, "phased: at most this many documents per forward/backward of a chunk step, gradients summed before the step (the same update: every document has its own LoRA slice); 0 = all in one, and on a CUDA out-of-memory error the pass halves it and redoes the step (64 rows of 2048 tokens peak ~1 MB per row-token: ~120 GiB, over an H100's 80)"),
         _f("PHASED_TTT_PREFIX_DOCS", int, 2500, "phased: the first N documents (longest first) feed the global SGD phases"),
         _f("PHASED_TTT_NUM_PHASES", int, 3, "phased: global SGD phases, at prefix*(i+1)/phases scored documents; 0 = LoRA only"),
         _f("GLOBAL_TTT_LR", float, 1e-3, "phased: SGD LR on all base weights (cosine over the phase's chunks)"),
@@ -672,6 +673,7 @@ class Config(ConfigValues):
         need(self.ttt_local_lr_mult >= 0, f"TTT_LOCAL_LR_MULT={self.ttt_local_lr_mult}: expected >= 0")
         for name in ("TTT_CHUNK_TOKENS", "TTT_LORA_RANK", "TTT_DOCS_PER_BATCH", "TTT_CHUNK_SIZE", "TTT_GRAD_STEPS", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "TTT_EPOCHS"):
             need(getattr(self, name.lower()) >= 1, f"{name}={getattr(self, name.lower())}: expected >= 1")
+        need(self.ttt_rows_per_forward >= 0, f"TTT_ROWS_PER_FORWARD={self.ttt_rows_per_forward}: expected >= 0 (0 = all rows of a step at once)")
         need(self.ttt_eval_seq_len >= self.ttt_chunk_size, f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be >= TTT_CHUNK_SIZE={self.ttt_chunk_size} (a window holds its chunk)")
         if self.ttt_chunk_schedule.strip():
             sched, spec = parse_chunk_schedule(self.ttt_chunk_schedule), f"TTT_CHUNK_SCHEDULE={self.ttt_chunk_schedule!r}"
@@ -984,6 +986,11 @@ def load_tokenizer(path: str, vocab_size: int):
         raise DataError(f"TOKENIZER_PATH={path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size} (the model's vocab): they must be "
                         f"equal; use the tokenizer the data was built with and VOCAB_SIZE={sp.vocab_size()}, or the matching artifact")
     return sp, build_byte_luts(sp, vocab_size)
+
+
+def bos_of(sp) -> int:
+    """The document separator id: the tokenizer's BOS, or 1 (the challenge shards' convention) when it defines none."""
+    return sp.bos_id() if sp.bos_id() >= 0 else 1
 
 
 def _smoke_text(seed: int, n_docs: int) -> list[str]:
@@ -3013,6 +3020,8 @@ class TTTAdapters:
 
     def __init__(self, cfg: Config, n_virtual: int, rows: int, device, seed: int):
         self.scale, self.rows = cfg.ttt_lora_alpha / cfg.ttt_lora_rank, rows
+        self.rows_per_forward = cfg.ttt_rows_per_forward  # 0 = all; halved for the rest of the pass on a CUDA OOM
+        self.oom_splits: list[int] = []  # the rows per forward chosen after each OOM (for the log)
         self.gen = torch.Generator(device=device).manual_seed(seed)
         dims, r = ttt_target_dims(cfg), cfg.ttt_lora_rank
         self.a: dict[str, torch.Tensor] = {}
@@ -3040,10 +3049,12 @@ class TTTAdapters:
             b.zero_()
 
     def weights(self, rows: torch.Tensor | int | None = None) -> dict:
-        """The `lora` argument of GPT.forward; `rows` picks document slots: an int k = the first k slots (views, no
-        copy), a tensor = those slots (autograd flows back to the slices either way)."""
+        """The `lora` argument of GPT.forward; `rows` picks document slots: an int k = the first k slots, a slice = those
+        slots (views, no copy), a tensor = those slots (autograd flows back to the slices either way)."""
         if rows is None:
             pick = lambda t: t  # noqa: E731
+        elif isinstance(rows, slice):
+            pick = lambda t: t[rows]  # noqa: E731
         elif isinstance(rows, int):
             pick = lambda t: t[:rows]  # noqa: E731
         else:
@@ -3279,24 +3290,52 @@ def ttt_score_batch(fwd, model: GPT, cfg: Config, adapters: TTTAdapters, tokens:
         scored = valid & (ar >= info[2][:, None])
         trains = [c < n_chunks[i] - 1 for i in active] + [False] * (rows - len(active))  # a last chunk is never trained on
         train = torch.tensor(trains, device=device)
-        masks = model.masks(x, doc=False)  # one document per row, right-padded: plain causal is exact
-        lora = (adapters.weights(rows) if prefix else adapters.weights(torch.tensor(active, device=device))) if adapters.a else None
+        active_t = None if prefix else torch.tensor(active, device=device)
         learn = opt is not None and any(trains)  # from the host list: no device sync per chunk step
         for step in range(cfg.ttt_grad_steps if learn else 1):
-            # with adapters the forward always records the graph (also on a batch's last, untrained step): one
-            # compiled graph instead of a second, no-grad one
-            with torch.set_grad_enabled(opt is not None), autocast_ctx(device):
-                nll = fwd(x, y, masks, "none", lora) if tilt is None else fwd(x, y, masks, "none", lora, hint=tilt.hint_at(pos))
-            nll, nll_hint = (nll, None) if tilt is None else nll
-            if step == 0:  # the score: this forward has seen no update from this chunk
-                m = scored.double()
-                nd = nll.detach().double() if tilt is None else tilt.apply(nll.detach(), nll_hint.detach(), y, pos, scored)
-                acc += torch.stack([(nd * m).sum(), m.sum(), (luts.bytes(x, y, pos) * m).sum()])
-                if nll_out is not None:
-                    nll_out[pos[scored]] = nd[scored].to(nll_out.dtype)
+            while True:  # one attempt per rows-per-forward: a CUDA OOM halves it and redoes the step from its start
+                per = adapters.rows_per_forward or rows
+                n_parts = -(-rows // per)
+                bounds = [rows * k // n_parts for k in range(n_parts + 1)]  # parts differ by <= 1 row
+                tilt_stats, score, kept = None if tilt is None else tilt.stats, torch.zeros_like(acc), []
+                try:
+                    for r0, r1 in zip(bounds[:-1], bounds[1:]):
+                        part = slice(r0, r1)
+                        xs, ys, ps, sc = x[part], y[part], pos[part], scored[part]
+                        masks = model.masks(xs, doc=False)  # one document per row, right-padded: plain causal is exact
+                        lora = (adapters.weights(part) if prefix else adapters.weights(active_t[part])) if adapters.a else None
+                        # with adapters the forward always records the graph (also on a batch's last, untrained step): one
+                        # compiled graph instead of a second, no-grad one
+                        with torch.set_grad_enabled(opt is not None), autocast_ctx(device):
+                            nll = fwd(xs, ys, masks, "none", lora) if tilt is None else fwd(xs, ys, masks, "none", lora, hint=tilt.hint_at(ps))
+                        nll, nll_hint = (nll, None) if tilt is None else nll
+                        if step == 0:  # the score: this forward has seen no update from this chunk
+                            m = sc.double()
+                            nd = nll.detach().double() if tilt is None else tilt.apply(nll.detach(), nll_hint.detach(), ys, ps, sc)
+                            score += torch.stack([(nd * m).sum(), m.sum(), (luts.bytes(xs, ys, ps) * m).sum()])
+                            if nll_out is not None:
+                                kept.append((ps[sc], nd[sc]))
+                        if learn:
+                            per_doc = (nll * sc).sum(1) / sc.sum(1).clamp_min(1)
+                            (per_doc * train[part]).sum().backward()
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if per == 1:
+                        raise
+                # out of memory (here, after the except: its traceback no longer holds the activations): drop this
+                # attempt's partial gradients, score and tilt counts, and redo the step in smaller parts
+                nll = nll_hint = masks = lora = None
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+                if tilt is not None:
+                    tilt.stats = tilt_stats
+                torch.cuda.empty_cache()
+                adapters.rows_per_forward = -(-per // 2)
+                adapters.oom_splits.append(adapters.rows_per_forward)
+            acc += score
+            for ps, nd in kept:
+                nll_out[ps] = nd.to(nll_out.dtype)
             if learn:
-                per_doc = (nll * scored).sum(1) / scored.sum(1).clamp_min(1)
-                (per_doc * train).sum().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
@@ -3332,6 +3371,13 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
                     adapters.reset_a(cfg.seed * 1_000_003 + j)
                 ttt_score_batch(fwd, model, cfg, adapters, tokens_dev, [docs[i] for i in batches[j]], luts, device, acc, nll_out,
                                 min_rows=2 if fwd is not model else 1, tilt=tilt)
+                for per in adapters.oom_splits:  # this rank ran out of GPU memory in the batch: it now splits every step
+                    oom = dict(rank=rank, batch=j, rows_per_forward=per, note="same_update_in_smaller_parts")
+                    if rank == 0 and log is not None:
+                        log("ttt_oom", **oom)
+                    else:  # the run log is rank 0's: other ranks say it on their stdout
+                        print("event:ttt_oom " + " ".join(f"{k}:{v}" for k, v in oom.items()), flush=True)
+                adapters.oom_splits.clear()
             if rnd % log_every == log_every - 1 or rnd == n_rounds - 1:  # the same rounds on every rank (a collective)
                 done = acc.clone()
                 if world > 1:
@@ -3539,10 +3585,14 @@ def run_evals(model: GPT, cfg: Config, val: torch.Tensor, luts: LUTs, device, ra
     tilt = stream_ngram_tilt(val, cfg, device) if cfg.ngram_tilt_enabled else None
     rl, rb, nt, nb = evaluate(fwd, model, val, L, L, cfg.eval_batch_seqs, luts, device, rank, world, tilt)
     t1 = time.perf_counter()
-    log("roundtrip", val_loss=rl, val_bpb=rb, eval_s=t1 - t0, tokens=nt, bytes=nb)
-    if tilt is not None:
-        log("ngram_tilt", **tilt.summary("roundtrip", rl, rb, world))
-    out.update(quant_val_loss=rl, quant_val_bpb=rb, val_tokens=nt, val_bytes=nb, final_val_loss=rl, final_val_bpb=rb, final_metric="roundtrip")
+    # the model's own score beside the tilted one: plain vs prequant_val_bpb is the quantization gap
+    ng = tilt.summary("roundtrip", rl, rb, world) if tilt is not None else None
+    pl, pb = (rl, rb) if ng is None else (rl + ng["gain_bpb"] * (rl / rb if rb else 0.0), rb + ng["gain_bpb"])
+    log("roundtrip", val_loss=rl, val_bpb=rb, eval_s=t1 - t0, tokens=nt, bytes=nb, **({} if ng is None else dict(plain_val_loss=pl, plain_val_bpb=pb)))
+    if ng is not None:
+        log("ngram_tilt", **ng)
+    out.update(quant_val_loss=rl, quant_val_bpb=rb, quant_plain_val_loss=pl, quant_plain_val_bpb=pb, val_tokens=nt, val_bytes=nb,
+               final_val_loss=rl, final_val_bpb=rb, final_metric="roundtrip")
     out.update(sliding_val_loss=None, sliding_val_bpb=None, ttt_val_loss=None, ttt_val_bpb=None)
     if cfg.sliding_eval and cfg.eval_stride < L:
         sl, sb, nt2, _ = evaluate(fwd, model, val, L, cfg.eval_stride, cfg.eval_batch_seqs, luts, device, rank, world, tilt)
@@ -3644,7 +3694,7 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
             build_smoke_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, lambda m: log.raw(m))
         barrier(world)
     sp, luts, val = load_eval_data(cfg, device)
-    bos = sp.bos_id() if sp.bos_id() >= 0 else 1
+    bos = bos_of(sp)
     train_files = shard_files(cfg.data_path, "train")
     TokenStream(train_files, vocab_size=cfg.vocab_size)  # fails now, with the file named, on empty shards or a vocab mismatch
     log("data", train_shards=len(train_files), train_tokens=sum(read_shard_header(f) for f in train_files), val_tokens=len(val) - 1,

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     device = pick_device()
     val = torch.from_numpy(tg.load_val_tokens(cfg.data_path, 0).astype(np.int64))
     sp, _ = tg.load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
-    bos = sp.bos_id() if sp.bos_id() >= 0 else 1
+    bos = tg.bos_of(sp)
     out = Out(a.out, "bench_ngram")
     rows, res = [], dict(device=device_name(device), torch=torch.__version__,
                          order=cfg.ngram_token_order, threshold=cfg.ngram_token_threshold, runs=[])

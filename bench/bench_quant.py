@@ -5,7 +5,7 @@ Trains train_gpt.py's config once (env + --set; give ITERATIONS and MAX_WALLCLOC
 takes the EMA weights as train_gpt's main does, and then for every --variant (NAME:KEY=VAL,KEY=VAL; quantization
 fields only: GPTQ_*, LQER_*, AWQ_LITE_*, MATRIX_/EMBED_BITS, *_CLIP_SIGMAS, COMPRESSOR, ...) collects the GPTQ Hessians
 (cached per GPTQ_CALIBRATION_BATCHES), quantizes, packs, loads the artifact back from its bytes and scores it on the
-val tokens (plain windows of EVAL_SEQ_LEN). The first variant is the baseline: the table gives every other's
+val tokens (plain windows of EVAL_SEQ_LEN, no n-gram tilt: the quantizer's effect alone). The first variant is the baseline: the table gives every other's
 difference in model bytes and in bpb against it. Same weights, so a difference is the quantizer's alone (no seed noise
 from training; the GPTQ calibration batches are the same training tokens for every variant with the same count).
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         tg.build_smoke_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, lambda m: None)
     kernels = tg.resolve_kernels(cfg, device)
     sp, luts, val = tg.load_eval_data(cfg, device)
-    bos = sp.bos_id() if sp.bos_id() >= 0 else 1
+    bos = tg.bos_of(sp)
     train_files = tg.shard_files(cfg.data_path, "train")
 
     # ---- train once (the main's recipe up to the EMA weights) ----

@@ -169,7 +169,7 @@ def test_bench_quant_tiny_baseline_is_the_main_runs_artifact(tmp_path):
     # bench_ttt's no-TTT mode applies the n-gram tilt as train_gpt's roundtrip eval does (same bpb as --eval-only)
     tt = [sys.executable, str(BENCH / "bench_ttt.py"), str(out / "final_model.ptz"), "--data-path", env["DATA_PATH"],
           "--tokenizer", env["TOKENIZER_PATH"], "--modes", "none", "--set", "VAL_MAX_TOKENS=4096"]
-    plain = events(run(tt + ["--out", str(tmp_path / "t0")]))["bench_ttt"][0]
+    plain = events(run(tt + ["--out", str(tmp_path / "t0"), "--set", "NGRAM_TILT_ENABLED=0"]))["bench_ttt"][0]
     tilted = events(run(tt + ["--out", str(tmp_path / "t1"), "--set", "NGRAM_TILT_ENABLED=1"]))["bench_ttt"][0]
     assert "ngram_tilted" not in plain and num(tilted["ngram_tilted"]) > 0
     assert num(plain["val_bpb"]) == pytest.approx(num(var["base"]["val_bpb"]), abs=1e-6)
@@ -197,14 +197,35 @@ def test_bench_ngram_tiny(tmp_path):
     assert last["layout"] == "phased" and res["projection"]["sp8192"]["phased"] == pytest.approx(last["s_per_m_tokens"] * 40.54)
 
 
+def test_levers_table_reference_rows_and_extra_folders(tmp_path):
+    """bench/levers_table.py: deltas against the first row, or against REF for NAME@REF; results found in --extra folders;
+    a variant with no results is listed as not finished."""
+    def put(folder, name, none, phased, **over):
+        d = folder / f"ttt_{name}"
+        d.mkdir(parents=True)
+        modes = dict(none=dict(val_bpb=none), phased=dict(val_bpb=phased, seconds=12.5))
+        (d / "bench_ttt.json").write_text(json.dumps(dict(overrides=dict(TTT_ENABLED="1", **over), modes=modes)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    put(a, "base", 3.0, 2.5)
+    put(a, "ph", 3.0, 2.4, PHASED_TTT_PREFIX_DOCS="64")
+    put(b, "asym", 3.0, 2.39, PHASED_TTT_PREFIX_DOCS="64", ASYM_LOGIT_RESCALE="1")
+    p = subprocess.run([sys.executable, str(BENCH / "levers_table.py"), str(a), "base", "ph", "asym@ph", "gone", "--extra", str(b)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in p.stdout.splitlines() if r.startswith("| ") and "---" not in r}
+    assert rows["ph"][2:7] == ["base", "3.00000", "+0.00000", "2.40000", "-0.10000"]
+    assert rows["asym"][1] == "PHASED_TTT_PREFIX_DOCS=64,ASYM_LOGIT_RESCALE=1" and rows["asym"][2] == "ph" and rows["asym"][6] == "-0.01000"
+    assert "did not finish" in rows["gone"][3] and "bench_quant did not finish" in p.stdout
+
+
 def test_run_levers_tiny(tmp_path):
     """bench/run_levers.sh: bench_quant, then bench_ttt per eval lever on its artifact, one LEVERS.md; a setting whose
     value holds commas (TTT_CHUNK_SCHEDULE) reaches bench_ttt whole."""
     out = tmp_path / "lv"
     stdout = run(["bash", str(BENCH / "run_levers.sh"), str(out)], timeout=900,
-                 env=dict(LEVERS_TINY="1", QUANT_VARIANTS="base: rtn:QUANT=rtn", TTT_VARIANTS="base: chunks:TTT_CHUNK_SCHEDULE=64:8,200:16"))
+                 env=dict(LEVERS_TINY="1", QUANT_VARIANTS="base: rtn:QUANT=rtn", TTT_VARIANTS="base: chunks@base:TTT_CHUNK_SCHEDULE=64:8,200:16"))
     assert "bench_quant rc=0" in stdout and "bench_ttt base rc=0" in stdout and "bench_ttt chunks rc=0" in stdout
     md = (out / "LEVERS.md").read_text()
-    assert "| rtn | QUANT=rtn |" in md and "| chunks | TTT_CHUNK_SCHEDULE=64:8,200:16 |" in md and "did not finish" not in md
+    assert "| rtn | QUANT=rtn |" in md and "| chunks | TTT_CHUNK_SCHEDULE=64:8,200:16 | base |" in md and "did not finish" not in md
     ph = json.loads((out / "ttt_chunks" / "bench_ttt.json").read_text())["modes"]["phased"]
     assert ph["config"]["TTT_CHUNK_SCHEDULE"] == "64:8,200:16"

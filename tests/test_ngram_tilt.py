@@ -199,7 +199,7 @@ def test_phased_ttt_tilt_scores_and_legality(setup):  # noqa: F811
     of its own document before it."""
     cfg, sd, luts, val = setup
     val = val[:1400]
-    plain, _ = run_phased(setup, tokens=val, TTT_LR=0.0, PHASED_TTT_NUM_PHASES=0)
+    plain, _ = run_phased(setup, tokens=val, TTT_LR=0.0, PHASED_TTT_NUM_PHASES=0, NGRAM_TILT_ENABLED=False)
     tilted, _ = run_phased(setup, tokens=val, TTT_LR=0.0, PHASED_TTT_NUM_PHASES=0, NGRAM_TILT_ENABLED=True)
     c = cfg.replace(PHASED_TTT_NUM_PHASES=0, NGRAM_TILT_ENABLED=True)
     docs = tg.ttt_documents(val, 1)
@@ -237,7 +237,7 @@ def test_phased_ttt_tilt_scores_and_legality(setup):  # noqa: F811
 
 def test_config_validation():
     c = tg.Config.from_env({})
-    assert (c.ngram_tilt_enabled, c.ngram_token_order, c.ngram_token_threshold, c.ngram_token_boost) == (False, 16, 0.8, 2.625)
+    assert (c.ngram_tilt_enabled, c.ngram_token_order, c.ngram_token_threshold, c.ngram_token_boost) == (True, 16, 0.8, 2.625)
     for bad, msg in (({"NGRAM_TOKEN_ORDER": "0"}, "NGRAM_TOKEN_ORDER=0"), ({"NGRAM_TOKEN_THRESHOLD": "0.5"}, "NGRAM_TOKEN_THRESHOLD"),
                      ({"NGRAM_TOKEN_THRESHOLD": "1.1"}, "NGRAM_TOKEN_THRESHOLD"), ({"NGRAM_TOKEN_BOOST": "-1"}, "NGRAM_TOKEN_BOOST")):
         with pytest.raises(tg.ConfigError, match=msg):
@@ -272,13 +272,13 @@ def test_compiled_ttt_forward_with_tilt_does_not_recompile(setup):  # noqa: F811
 def test_end_to_end_world_size_1_and_2(tmp_path):
     """--eval-only with NGRAM_TILT_ENABLED=1: phased TTT on 1 and 2 processes (gloo) gives the same score and the same
     tilt counts; the roundtrip and chunked passes log event:ngram_tilt too; off logs none and scores as before."""
-    r = run_train(tmp_path, dict(PRESET="smoke", RUN_ID="base", VAL_MAX_TOKENS="3000", SLIDING_EVAL="0"))
+    r = run_train(tmp_path, dict(PRESET="smoke", RUN_ID="base", VAL_MAX_TOKENS="3000", SLIDING_EVAL="0", NGRAM_TILT_ENABLED="0"))
     assert r.returncode == 0, r.stderr[-3000:]
     base = json.loads((tmp_path / "runs" / "base" / "summary.json").read_text())
     assert not events(r.stdout, "ngram_tilt")
     art = str(tmp_path / "runs" / "base" / "final_model.ptz")
-    ev = dict(PRESET="smoke", SLIDING_EVAL="0", VAL_MAX_TOKENS="3000", NGRAM_TILT_ENABLED="1",
-              **dict(SMALL, TTT_WARM_START_A="0", PHASED_TTT_NUM_PHASES="1"))
+    ev = dict(PRESET="smoke", SLIDING_EVAL="0", VAL_MAX_TOKENS="3000",
+              **dict(SMALL, TTT_WARM_START_A="0", PHASED_TTT_NUM_PHASES="1", NGRAM_TILT_ENABLED="1"))
     one = run_train(tmp_path, dict(ev, RUN_ID="one"), args=("--eval-only", art))
     two = run_train(tmp_path, dict(ev, RUN_ID="two"), nproc=2, args=("--eval-only", art))
     chunked = run_train(tmp_path, dict(ev, RUN_ID="chunked", TTT_MODE="chunked", TTT_CHUNK_TOKENS="512", EVAL_SEQ_LEN="64", EVAL_STRIDE="32"),
@@ -292,4 +292,7 @@ def test_end_to_end_world_size_1_and_2(tmp_path):
     assert [(e["tokens"], e["tilted"]) for e in e1] == [(e["tokens"], e["tilted"]) for e in e2]
     assert int(e1[1]["tokens"]) == s1["val_tokens"] and int(e1[1]["tilted"]) > 0 and float(e1[0]["seconds"]) > 0
     assert s1["quant_val_bpb"] != base["quant_val_bpb"]
+    # the roundtrip's plain score (summary + event) is the untilted pass: the same as with the tilt off
+    assert s1["quant_plain_val_bpb"] == pytest.approx(base["quant_val_bpb"], abs=1e-9) == base["quant_plain_val_bpb"]
+    assert float(events(one.stdout, "roundtrip")[0]["plain_val_bpb"]) == pytest.approx(s1["quant_plain_val_bpb"], abs=1e-6)
     assert s1["eval_seconds"] >= s1["ttt_seconds"] > 0

@@ -37,7 +37,7 @@ EXPECTED_IDS = {
     "seed002_pr487.toml": {"control", "GA", "VR", "GA+VR", "production"},
     "seed004_pr1970.toml": {"1-gates_caseops", "2-optimized_v1", "3-rope24", "4-rope32", "5-v2_baseline",
                             "6-v2_slope03", "7-v2_slope00", "8-v2_gate32", "9-v2_gate32_lzma"},
-    "levers_post_deadline.toml": {"base", "awq", "asym", "eval2560", "no_qv_lr075", "qk525", "calib32", "lqer32", "ngram", "progctx"},
+    "levers_post_deadline.toml": {"base", "awq", "asym", "eval2560", "no_qv_lr075", "qk525", "calib16", "lqer32", "no_ngram", "progctx"},
 }
 
 

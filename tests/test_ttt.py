@@ -17,7 +17,8 @@ from test_core import ROOT, events, run_train
 CPU = torch.device("cpu")
 SMALL = dict(TTT_ENABLED="1", TTT_LORA_RANK="4", TTT_DOCS_PER_BATCH="4", TTT_CHUNK_SIZE="16", TTT_EVAL_SEQ_LEN="64",
              PHASED_TTT_PREFIX_DOCS="8", PHASED_TTT_NUM_PHASES="2", GLOBAL_TTT_CHUNK_TOKENS="256", GLOBAL_TTT_BATCH_SEQS="4",
-             TTT_LR="0.001", GLOBAL_TTT_LR="0.01")
+             TTT_LR="0.001", GLOBAL_TTT_LR="0.01",
+             NGRAM_TILT_ENABLED="0")  # TTT alone (isolation, references); the tilt's own tests turn it on
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +197,50 @@ def test_padded_rows_and_slot_selection_change_no_score(setup):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert tg.warm_ttt(model, model, cfg, CPU) >= 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rows_per_forward_and_oom_fallback_give_the_same_scores_and_updates(setup, monkeypatch):
+    """TTT_ROWS_PER_FORWARD splits a chunk step's documents over several forward/backward passes and sums the gradients
+    before the step: the same scores, n-gram counts and LoRA updates as one pass. With 0 (the default) a CUDA
+    out-of-memory error halves the rows per forward and redoes the step: the failed attempt leaves no trace in the
+    score, the tilt counts or the gradients."""
+    cfg, sd, luts, val = setup
+    cfg = cfg.replace(NGRAM_TILT_ENABLED=True, TTT_GRAD_STEPS=2)
+    model = tg.GPT(cfg)
+    model.load_state_dict(sd)
+    model.looping_active = True
+    model.eval()
+    tg.freeze_base(model, True)
+    docs = sorted(tg.ttt_documents(val, model.bos_id), key=lambda d: -d[1])[:cfg.ttt_docs_per_batch]
+    assert len(docs) == 4 and len({-(-(n - 1) // cfg.ttt_chunk_size) for _, n in docs}) > 1
+    n_virtual = len(tg.layer_order(cfg, True))
+
+    def score(c, fwd=model):
+        ad = tg.TTTAdapters(c, n_virtual, c.ttt_docs_per_batch, CPU, 5)
+        tilt = tg.stream_ngram_tilt(val, c, CPU)
+        acc, nll = torch.zeros(3, dtype=torch.float64), torch.full((len(val),), float("nan"), dtype=torch.float64)
+        tg.ttt_score_batch(fwd, model, c, ad, val, docs, luts, CPU, acc, nll, tilt=tilt)
+        return acc, nll, {k: v.detach().clone() for k, v in ad.b.items()}, tilt.stats, ad
+
+    a1, n1, b1, t1, _ = score(cfg)
+    for per in (1, 2, 3):
+        a2, n2, b2, t2, _ = score(cfg.replace(TTT_ROWS_PER_FORWARD=per))
+        assert torch.allclose(a1, a2, rtol=1e-9) and torch.allclose(n1, n2, rtol=1e-7, equal_nan=True) and torch.equal(t1[:3], t2[:3])
+        assert all(torch.allclose(b1[k], b2[k], atol=1e-6) for k in b1) and any(b.abs().sum() > 0 for b in b1.values())
+    calls = {"n": 0}
+
+    def tight_memory(*args, **kw):  # a forward of more than 2 rows "runs out of memory" (once the step has scored a part)
+        calls["n"] += 1
+        if args[0].size(0) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return model(*args, **kw)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    a3, n3, b3, t3, ad = score(cfg, fwd=tight_memory)
+    assert ad.rows_per_forward <= 2 and ad.oom_splits and calls["n"] > 0
+    assert torch.allclose(a1, a3, rtol=1e-9) and torch.allclose(n1, n3, rtol=1e-7, equal_nan=True) and torch.equal(t1[:3], t3[:3])
+    assert all(torch.allclose(b1[k], b3[k], atol=1e-6) for k in b1)
+    with pytest.raises(tg.ConfigError, match="TTT_ROWS_PER_FORWARD"):
+        cfg.replace(TTT_ROWS_PER_FORWARD=-1)
 
 
 def test_config_defaults_are_record_1855():

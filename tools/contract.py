@@ -118,10 +118,11 @@ SUMMARY_FIELDS: dict[str, tuple[tuple, bool]] = {
     "train_time_ok": (_B, False), "eval_time_ok": (_B, False), "size_ok": (_B, False),
 }
 # Keys only some runs write: sliding_seconds (sliding eval ran), ttt_seconds (TTT ran), ttt_docs / ttt_phases
-# (TTT_MODE=phased), mode / artifact (--eval-only).
+# (TTT_MODE=phased), mode / artifact (--eval-only), quant_plain_val_* (the roundtrip without the n-gram tilt; runs since
+# 2026-12-04).
 SUMMARY_OPTIONAL: dict[str, tuple[tuple, bool]] = {
     "sliding_seconds": (NUM, False), "ttt_seconds": (NUM, False), "ttt_docs": (_I, False), "ttt_phases": ((list,), False),
-    "mode": (_S, False), "artifact": (_S, False),
+    "mode": (_S, False), "artifact": (_S, False), "quant_plain_val_loss": (NUM, False), "quant_plain_val_bpb": (NUM, False),
 }
 # --eval-only trains nothing and writes no new code file: these keys are absent from its summary (mode: eval_only).
 EVAL_ONLY_ABSENT = ("steps", "train_seconds", "ms_per_step", "tokens_per_s", "peak_mem_gib", "stop_reason",
@@ -246,10 +247,10 @@ SPARSE_ATTN_GATE_SCALE SWA_ENABLED SWA_EVERY SWA_START_LR TIED_EMBED_INIT_STD TI
 TOKENIZER_PATH TRAIN_BATCH_TOKENS TRAIN_LOG_EVERY TRAIN_SEQ_LEN TRAIN_SEQ_SCHEDULE TTT_BATCH_SIZE TTT_BETA1
 TTT_BETA2 TTT_CHUNK_SCHEDULE TTT_CHUNK_SIZE TTT_CHUNK_TOKENS TTT_COMPILE TTT_DOCS_PER_BATCH TTT_ENABLED TTT_EPOCHS
 TTT_EVAL_SEQ_LEN TTT_GRAD_STEPS TTT_LOCAL_LR_MULT TTT_LORA_ALPHA TTT_LORA_LR TTT_LORA_RANK TTT_LR TTT_MASK TTT_MODE
-TTT_TARGETS TTT_WARM_START_A TTT_WEIGHT_DECAY UNET_SKIPS VALUE_RESIDUAL VAL_BYTES VAL_LOSS_EVERY VAL_MAX_TOKENS
-VE128_DIM VE128_LAYERS VE_DIM VE_ENABLED VE_GATE VE_GATE_WIDTH VE_LAYERS VOCAB_SIZE WARMDOWN_FRAC WARMDOWN_ITERS
-WARMDOWN_SHAPE WARMUP_STEPS WEIGHT_DECAY_ADAM WEIGHT_DECAY_MUON WINDOW_PATTERN WINDOW_SHORT WORLD_SIZE XSA_GATE
-XSA_GATE_INIT XSA_LAST_N XSA_LAYERS
+TTT_ROWS_PER_FORWARD TTT_TARGETS TTT_WARM_START_A TTT_WEIGHT_DECAY UNET_SKIPS VALUE_RESIDUAL VAL_BYTES
+VAL_LOSS_EVERY VAL_MAX_TOKENS VE128_DIM VE128_LAYERS VE_DIM VE_ENABLED VE_GATE VE_GATE_WIDTH VE_LAYERS VOCAB_SIZE
+WARMDOWN_FRAC WARMDOWN_ITERS WARMDOWN_SHAPE WARMUP_STEPS WEIGHT_DECAY_ADAM WEIGHT_DECAY_MUON WINDOW_PATTERN
+WINDOW_SHORT WORLD_SIZE XSA_GATE XSA_GATE_INIT XSA_LAST_N XSA_LAYERS
 """.split())
 # --- end KNOWN_ENV ---
 
