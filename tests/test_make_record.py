@@ -152,9 +152,21 @@ def test_three_seeds_make_a_record_that_passes_check(tmp_path, three_runs, capsy
                 "MODEL_DIM=512", "MATRIX_LR=0.026"):
         assert sec in readme, sec
     assert "RUN_DIR=" not in readme and "RUN_ID=" not in readme  # per-run keys not in the env line
+    assert "full softmax over the whole vocabulary." in readme and "n-gram tilt" not in readme  # NGRAM_TILT_ENABLED unset
     assert "| 2 | 4502 |" in readme
     # no temp folders left next to the record
     assert [p.name for p in rec.parent.iterdir()] == [rec.name]
+
+
+def test_readme_discloses_the_ngram_tilt(tmp_path, capsys):
+    """A run with NGRAM_TILT_ENABLED=1 (the default since 2026-12-04): the README's C2 line says the score is the tilted,
+    normalized distribution, where its hints come from and that its table is built inside the eval timer."""
+    runs = [make_run(tmp_path / "runs", s, config={"NGRAM_TILT_ENABLED": True}) for s in (1, 2, 3)]
+    rc, rec = build(tmp_path, runs)
+    assert rc == 0, capsys.readouterr().err
+    c2 = next(l for l in (rec / "README.md").read_text().splitlines() if l.startswith("- **C2"))
+    assert "NGRAM_TILT_ENABLED=1" in c2 and "sums to 1" in c2 and "already scored" in c2 and "inside the eval timer" in c2
+    assert mr.check_record(rec) == []
 
 
 def test_default_out_is_records_track_folder(tmp_path, three_runs, monkeypatch):

@@ -598,6 +598,7 @@ def readme_text(sub: dict, runs: list[Run], args, requirements: str) -> str:
     fm = sub["final_metric"]
     comp = sub["compliance"]
     ttt_on = fm == "ttt"
+    tilt_on = str(cfg.get("NGRAM_TILT_ENABLED", False)).strip().lower() in ("1", "true", "yes", "on")
 
     comparison = ""
     if "reference" in sub:
@@ -620,6 +621,13 @@ def readme_text(sub: dict, runs: list[Run], args, requirements: str) -> str:
     else:
         c1 = "A fixed predictor: each token's distribution depends only on the artifact and the preceding tokens (causal attention)."
         c3 = "No eval-time adaptation: nothing is updated during evaluation."
+    c2 = "the score is the cross-entropy of a full softmax over the whole vocabulary."
+    if tilt_on:
+        c2 = ("the score is the cross-entropy of a normalized distribution over the whole vocabulary: the full softmax p, "
+              "or, where the token-only n-gram tilt (`NGRAM_TILT_ENABLED=1`, PR #1514 / #2135) has a hint h, "
+              "p'(a) = p(a)·e^{B[a=h]} / (1 + p(h)(e^B − 1)), which sums to 1. The hint of a target comes only from "
+              "val tokens already scored (in phased TTT: earlier batches and the document's own earlier tokens), "
+              "its table is built inside the eval timer, and no token's own value enters its hint.")
     text = f"""# {sub['name']}
 
 {sub['blurb']}
@@ -642,7 +650,7 @@ artifact; the final metric is `{fm}`.
 ## Compliance
 
 - **C1 strict causality**: {c1}
-- **C2 full normalized distribution**: the score is the cross-entropy of a full softmax over the whole vocabulary.
+- **C2 full normalized distribution**: {c2}
 - **C3 score before update**: {c3}
 - **C4 single left-to-right pass**: every val token is scored exactly once.
 - **No validation data in training**: training and GPTQ calibration read only training shards;
