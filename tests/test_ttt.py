@@ -172,17 +172,22 @@ def test_adapters_start_as_identity_and_rows_are_independent(setup):
         cfg.replace(TTT_TARGETS="q,attn")
 
 
-def test_padded_rows_and_slot_selection_change_no_score(setup):
-    """The compiled path's padding (min_rows: empty rows so that no step has one row) and the prefix-view slot
-    selection score and learn exactly as unpadded index_select steps; the warmup runs the scorer on random documents
-    and leaves the base weights as they were."""
-    cfg, sd, luts, val = setup
+def frozen_model_and_longest_docs(cfg, sd, val):
+    """The setup's model with its base weights frozen (as in the phased pass) and the batch of the longest val documents."""
     model = tg.GPT(cfg)
     model.load_state_dict(sd)
     model.looping_active = True
     model.eval()
     tg.freeze_base(model, True)
-    docs = sorted(tg.ttt_documents(val, model.bos_id), key=lambda d: -d[1])[:cfg.ttt_docs_per_batch]
+    return model, sorted(tg.ttt_documents(val, model.bos_id), key=lambda d: -d[1])[:cfg.ttt_docs_per_batch]
+
+
+def test_padded_rows_and_slot_selection_change_no_score(setup):
+    """The compiled path's padding (min_rows: empty rows so that no step has one row) and the prefix-view slot
+    selection score and learn exactly as unpadded index_select steps; the warmup runs the scorer on random documents
+    and leaves the base weights as they were."""
+    cfg, sd, luts, val = setup
+    model, docs = frozen_model_and_longest_docs(cfg, sd, val)
     assert len({-(-(n - 1) // cfg.ttt_chunk_size) for _, n in docs}) > 1  # documents end at different steps
     n_virtual = len(tg.layer_order(cfg, True))
     got = []
@@ -206,12 +211,7 @@ def test_rows_per_forward_and_oom_fallback_give_the_same_scores_and_updates(setu
     score, the tilt counts or the gradients."""
     cfg, sd, luts, val = setup
     cfg = cfg.replace(NGRAM_TILT_ENABLED=True, TTT_GRAD_STEPS=2)
-    model = tg.GPT(cfg)
-    model.load_state_dict(sd)
-    model.looping_active = True
-    model.eval()
-    tg.freeze_base(model, True)
-    docs = sorted(tg.ttt_documents(val, model.bos_id), key=lambda d: -d[1])[:cfg.ttt_docs_per_batch]
+    model, docs = frozen_model_and_longest_docs(cfg, sd, val)
     assert len(docs) == 4 and len({-(-(n - 1) // cfg.ttt_chunk_size) for _, n in docs}) > 1
     n_virtual = len(tg.layer_order(cfg, True))
 
