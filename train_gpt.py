@@ -1833,11 +1833,14 @@ class Logger:
             return f"{v:.6f}" if abs(v) < 1e5 else f"{v:.1f}"
         return str(v).replace(" ", "_").replace("\n", "_")
 
+    @classmethod
+    def line(cls, event: str, **kv) -> str:
+        return " ".join([f"event:{event}"] + [f"{k}:{cls.fmt(v)}" for k, v in kv.items()])
+
     def __call__(self, event: str, **kv):
         if self.rank != 0:
             return
-        line = " ".join([f"event:{event}"] + [f"{k}:{self.fmt(v)}" for k, v in kv.items()])
-        self.raw(line)
+        self.raw(self.line(event, **kv))
 
     def raw(self, line: str):
         if self.rank != 0:
@@ -3376,7 +3379,7 @@ def eval_ttt_phased(model: GPT, tokens: torch.Tensor, cfg: Config, luts: LUTs, d
                     if rank == 0 and log is not None:
                         log("ttt_oom", **oom)
                     else:  # the run log is rank 0's: other ranks say it on their stdout
-                        print("event:ttt_oom " + " ".join(f"{k}:{v}" for k, v in oom.items()), flush=True)
+                        print(Logger.line("ttt_oom", **oom), flush=True)
                 adapters.oom_splits.clear()
             if rnd % log_every == log_every - 1 or rnd == n_rounds - 1:  # the same rounds on every rank (a collective)
                 done = acc.clone()

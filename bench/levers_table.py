@@ -40,7 +40,7 @@ def table(out: Path, names: list[str], extra: list[Path] = ()) -> str:
              "## Eval side, same artifact", "",
              "| variant | settings | against | no-TTT bpb | vs ref | phased bpb | vs ref | phased s | n-gram table s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    first = names[0].split("@")[0] if names else None
+    first = names[0].partition("@")[0] if names else None
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.5f}"
     diff = lambda v, b: "-" if v is None or b is None else f"{v - b:+.5f}"
     for item in names:

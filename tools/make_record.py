@@ -96,7 +96,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import record_stats as stats  # noqa: E402
-from contract import (BYTES_LIMIT as SIZE_LIMIT, FINAL_METRICS, NUM, SUMMARY_FIELDS, atomic_write_bytes,  # noqa: E402
+from contract import (BYTES_LIMIT as SIZE_LIMIT, FINAL_METRICS, NUM, SUMMARY_FIELDS, as_bool, atomic_write_bytes,  # noqa: E402
                       atomic_write_text, check_fields, env_value, last_event, read_events as parse_log, validate_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -598,7 +598,7 @@ def readme_text(sub: dict, runs: list[Run], args, requirements: str) -> str:
     fm = sub["final_metric"]
     comp = sub["compliance"]
     ttt_on = fm == "ttt"
-    tilt_on = str(cfg.get("NGRAM_TILT_ENABLED", False)).strip().lower() in ("1", "true", "yes", "on")
+    tilt_on = as_bool(cfg.get("NGRAM_TILT_ENABLED", False)) is True
 
     comparison = ""
     if "reference" in sub:
