@@ -262,7 +262,7 @@ FIELDS: list[Field] = [
         _f("TTT_CHUNK_SCHEDULE", str, "", "phased, short-document chunks (PR #2014): MAXLEN:CHUNK,... = documents of at most MAXLEN tokens (BOS included) use chunk size CHUNK, longer ones TTT_CHUNK_SIZE, e.g. 256:8,2000:24; MAXLEN increasing; '' = TTT_CHUNK_SIZE for all"),
         _f("TTT_EVAL_SEQ_LEN", int, 2048, "phased: causal window (within the document) ending at each chunk"),
         _f("TTT_GRAD_STEPS", int, 1, "phased: LoRA optimizer steps per scored chunk"),
-        _f("TTT_ROWS_PER_FORWARD", int, 0, "phased: at most this many documents per forward/backward of a chunk step, gradients summed before the step (the same update: every document has its own LoRA slice); 0 = all in one, and on a CUDA out-of-memory error the pass halves it and redoes the step (64 rows of 2048 tokens peak ~1 MB per row-token: ~120 GiB, over an H100's 80)"),
+        _f("TTT_ROWS_PER_FORWARD", int, 0, "phased: at most this many documents per forward/backward of a chunk step, gradients summed before the step (the same update: every document has its own LoRA slice); 0 = all in one, and on a CUDA out-of-memory error the pass halves it and redoes the step (measured ~0.8-0.9 MB per row-token on the H200: 64 rows of 2048 tokens project to ~100-118 GiB, over an H100's 80)"),
         _f("PHASED_TTT_PREFIX_DOCS", int, 2500, "phased: the first N documents (longest first) feed the global SGD phases"),
         _f("PHASED_TTT_NUM_PHASES", int, 3, "phased: global SGD phases, at prefix*(i+1)/phases scored documents; 0 = LoRA only"),
         _f("GLOBAL_TTT_LR", float, 1e-3, "phased: SGD LR on all base weights (cosine over the phase's chunks)"),
