@@ -155,7 +155,7 @@ FIELDS: list[Field] = [
         _f("GATE_ATTN_SRC", str, "resid", "AttnOutGate input: resid (x_in, #1969) | proj (normed block input, #1667)", choices=("resid", "proj")),
         _f("SPARSE_ATTN_GATE_SCALE", float, 0.5, "scale inside the SparseAttnGate sigmoid"),
         _f("GATE_WIDTH", int, 12, "input width of the attention output gates (and default SmearGate width)", aliases=("GATE_WINDOW",)),
-        _f("DOC_ATTENTION", bool, True, "training attention never crosses a BOS: each micro-batch is one packed sequence, documents cut every TRAIN_SEQ_LEN tokens from their start (the records' varlen layout); varlen flash kernel when available"),
+        _f("DOC_ATTENTION", bool, True, "training attention never crosses a BOS: each micro-batch is one packed sequence, documents cut every TRAIN_SEQ_LEN tokens from their start (the records' varlen layout); a varlen flash kernel when available, else FlexAttention document masks (compiled CUDA) or SDPA per document (CPU, COMPILE=0)"),
         _f("EVAL_DOC_ATTENTION", str, "auto", "eval/TTT windows: auto (as DOC_ATTENTION) | on (attention never crosses a BOS inside a window) | off (plain causal windows, as the records' sliding eval)", choices=("auto", "on", "off")),
     ]),
     *group("training", [  # training: batch, schedule, EMA
@@ -3683,8 +3683,9 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
         failed = verdicts.get(device.index or 0) if device.type == "cuda" else None
         if failed:
             log("warning", msg=f"{what}: {failed}")
-    if device.type == "cuda" and cfg.doc_attention and kernels.varlen is None:
-        log("warning", msg="DOC_ATTENTION=1 without a varlen flash kernel (flash-attn 3 or flash-attn-4): document masks "
+    if device.type == "cuda" and cfg.doc_attention and kernels.varlen in (None, sdpa_varlen):
+        how = "document masks" if kernels.varlen is None else "SDPA per document (COMPILE=0)"
+        log("warning", msg=f"DOC_ATTENTION=1 without a varlen flash kernel (flash-attn 3 or flash-attn-4): {how} "
                            "instead, a much slower step (BENCHMARKS.md); install one, or DOC_ATTENTION=0 (attention crosses documents)")
     base = dict(run_id=run_dir.name, seed=cfg.seed, code_sha256=code_sha, code_bytes=len(code), config=cfg.to_dict(), world_size=world,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch_version=torch.__version__,
@@ -3937,7 +3938,8 @@ class Kernels:
               doc: bool | None = None, seq_len: int | None = None) -> dict:
         """Mask objects for a batch ({} when every layer takes the plain causal fast path). Document attention
         (DOC_ATTENTION for training, EVAL_DOC_ATTENTION otherwise, `doc` when given): {"varlen": (cu_seqlens, max_seqlen)}
-        with a varlen kernel, else per-window masks over segment ids; `cu_seqlens` comes from the loader in training
+        with a varlen kernel (a flash kernel's, or sdpa_varlen in eager runs), else per-window masks over segment ids
+        (compiled CUDA without flash); `cu_seqlens` comes from the loader in training
         (computed here from x otherwise: a host sync). Window-only masks are static and cached. `seq_len`: the training
         length in force (TRAIN_SEQ_SCHEDULE), the document cut length of the varlen kernel."""
         cfg = self.cfg
@@ -4095,6 +4097,41 @@ def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, window=0):
     return out[0] if isinstance(out, tuple) else out
 
 
+SDPA_VARLEN_DENSE_MAX = 4096  # packed-row tokens up to which sdpa_varlen uses one dense mask (8 heads: ~0.5 GB of scores)
+
+
+def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, window=0):
+    """Varlen attention without a flash kernel, in FA4's varlen signature: causal SDPA on each segment of cu_seqlens
+    (keys q-window..q when window > 0). Memory is the sum of squared segment lengths where a document mask over the
+    packed row [1, B*T] costs (B*T)^2 (a 24k-token CPU micro-batch: ~10 GB per layer, killed by the OOM killer).
+    A host loop over the segments (it reads cu_seqlens) in eager runs (the CPU; CUDA with COMPILE=0). Up to
+    SDPA_VARLEN_DENSE_MAX tokens, and traced (dynamo's explain, a compiled CPU test: one graph), the same mask over the
+    whole packed row instead: small, and a position's output then stays bit-identical when a later token becomes a BOS
+    (per segment it changes in the last bits: the segment's length sets SDPA's blocking)."""
+    gqa = k.size(1) != q.size(1)
+    if torch.compiler.is_compiling() or q.size(0) <= SDPA_VARLEN_DENSE_MAX:
+        pos = torch.arange(q.size(0), device=q.device)
+        seg = torch.searchsorted(cu_seqlens, pos.to(cu_seqlens.dtype), right=True)
+        m = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
+        if window:
+            m = m & (pos[:, None] - pos[None, :] <= window)
+        y = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=m, enable_gqa=gqa)
+        return y[0].transpose(0, 1)
+    outs, cu = [], cu_seqlens.tolist()
+    for s, e in zip(cu[:-1], cu[1:]):
+        if e <= s:  # the padding of the power-of-two bucket
+            continue
+        qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+        if window and e - s > window + 1:
+            i = torch.arange(e - s, device=q.device)
+            m = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= window)
+            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        outs.append(y[0].transpose(0, 1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
 FA4_CHECK: dict = {}  # device index -> None (FA4 matched SDPA on the probe) or why it is not used
 
 
@@ -4190,10 +4227,15 @@ def flash_kernel(cfg: Config, device=None):
 
 def varlen_kernel(cfg: Config, device=None):
     """varlen(q, k, v, cu_seqlens, max_seqlen, window) of the flash kernel this config attends with (FA3/FA2's
-    flash_attn_varlen_func or FA4's), or None: DOC_ATTENTION then uses document masks (FlexAttention / SDPA)."""
-    flash = flash_kernel(cfg, device) if device is not None and device.type == "cuda" else None
-    if flash is None:
+    flash_attn_varlen_func or FA4's); without one, `sdpa_varlen` in eager runs (the CPU, CUDA with COMPILE=0: a
+    document mask over the packed row would be dense, and unfused FlexAttention materialises the same scores), else
+    None: compiled CUDA then uses FlexAttention document masks (block-sparse)."""
+    if device is None:
         return None
+    device = torch.device(device)
+    flash = flash_kernel(cfg, device) if device.type == "cuda" else None
+    if flash is None:
+        return sdpa_varlen if device.type != "cuda" or not cfg.compile else None
     return _flash_varlen if flash is _flash_attn_func else getattr(flash, "varlen", None)
 
 
@@ -4319,7 +4361,8 @@ class MLPFusedGrad(torch.autograd.Function):
 
 def build_masks(cfg: Config, T: int, device, seg: torch.Tensor | None, use_flex: bool) -> dict:
     """One mask object per distinct window: None = plain causal (fast path), else a FlexAttention
-    BlockMask (CUDA) or a boolean SDPA mask (CPU). `seg` [B, T] (DOC_ATTENTION without a varlen kernel):
+    BlockMask (CUDA) or a boolean SDPA mask (CPU). `seg` [B, T] (DOC_ATTENTION without a varlen kernel, i.e. a compiled
+    CUDA run without flash-attn):
     per-token segment index (`segment_ids`); attention stays inside a segment."""
     masks = {}
     for w in set(cfg.layer_windows()):  # distinct per-layer windows (0 = full)

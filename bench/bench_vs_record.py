@@ -46,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 STANDIN = ROOT / "bench" / "fa_standin"
+PROFILE_HOOK = ROOT / "bench" / "profile_hook"  # sitecustomize: torch.profiler around chosen optimizer steps
 DEFAULT_RECORD = SHARED / "reference" / "records" / "pr1855_train_gpt.py"
 RECORD_LOGS = {"pr1855_train_gpt.py": "pr1855_train_seed42.log", "pr1868_train_gpt.py": "pr1868_train_seed42_rerun_gptq8s.log"}
 sys.path.insert(0, str(ROOT / "bench"))
@@ -137,6 +138,20 @@ def _env_value(v: str) -> str:
 def record_env(hp: dict[str, str], names: set[str]) -> dict[str, str]:
     """The record's logged hyperparameters as env vars (only names the script reads, minus the run settings)."""
     return {k.upper(): _env_value(v) for k, v in hp.items() if k.upper() in names and k.upper() not in RUN_KEYS}
+
+
+def profile_windows(spec: str, offset: int) -> str:
+    """--profile "A:B,C:D" in training steps -> PROFILE_STEPS in optimizer steps from the process start."""
+    out = []
+    for w in spec.split(","):
+        try:
+            a, b = (int(x) for x in w.split(":"))
+        except ValueError:
+            raise SystemExit(f"--profile {spec!r}: expected A:B[,C:D] (training steps, A < B)") from None
+        if not 0 <= a < b:
+            raise SystemExit(f"--profile {spec!r}: expected A:B[,C:D] (training steps, A < B)")
+        out.append(f"{a + offset}:{b + offset}")
+    return ",".join(out)
 
 
 def run_env(data: Path, seed: int, steps: int, batch_tokens: int, seq_len: int, warmup: int, log_every: int,
@@ -362,6 +377,11 @@ def markdown(res: dict) -> str:
                               [[w, m, v["ms_step"], v["tok_s"], v["runs"]] for w in ("ours", "record") if w in sp for m, v in sp[w].items()]))
         if "ratio_ours_over_record_tok_s" in sp:
             lines.append(f"ours / record tokens/s: {json.dumps({k: round(v, 4) for k, v in sp['ratio_ours_over_record_tok_s'].items()})}\n")
+    for r in res["runs"]:
+        for win, pr in (r.get("profile") or {}).items():
+            lines += [f"## profile: {r['which']} {win} ({pr['steps']} steps; {pr['device']} self time {pr['device_ms_per_step']:.1f} ms/step)", ""]
+            lines.append(md_table(["kernel / op", "ms/step", "calls/step"],
+                                  [[k["name"][:90], k["ms_per_step"], k["calls_per_step"]] for k in pr["kernels"][:25]]))
     al = res.get("alignment") or {}
     if al:
         lines += ["## hyperparameters: record's log vs our config", "",
@@ -427,6 +447,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=int, default=1, help="loss runs at once on the one GPU (timings of loss runs are not used)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per run")
     ap.add_argument("--budget", type=float, default=0, help="stop starting runs after this many seconds (0 = none)")
+    ap.add_argument("--profile", default="", help="A:B[,C:D]: kernel profile of speed-run training steps A..B of both scripts "
+                    "(bench/profile_hook; tables in the run folders; those steps run slower)")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--merge", type=Path, nargs="+", help="recompute the summaries from earlier bench_vs_record.json files "
                     "(their runs pooled) into --out; runs nothing")
@@ -454,6 +476,9 @@ def main(argv=None) -> int:
     names = record_env_names(a.record)
     rec_env = record_env(hp, names)
     extra = lambda sets: dict(s.split("=", 1) for s in sets)
+    if a.profile and extra(a.record_set).get("WARMUP_STEPS", str(a.warmup)) != "0" and "record" in a.which:
+        raise SystemExit("--profile counts the record's optimizer steps from its start: run it with --record-set WARMUP_STEPS=0 "
+                         "(its warmup steps its optimizers a number of times this harness does not know)")
     ours_cfg = tg.Config.from_env(dict(run_env(a.data, 1, a.steps, a.loss_batch_tokens, a.seq_len, a.warmup, 1, 0.35), **OURS_FIXED, **extra(a.ours_set)), warn=lambda m: None)
     res = dict(record=a.record.name, record_log=log_path.name, data=info, runs=[], alignment=alignment(hp, ours_cfg, names),
                record_env=rec_env, ours_fixed=OURS_FIXED, ours_set=a.ours_set, record_set=a.record_set)
@@ -489,12 +514,19 @@ def main(argv=None) -> int:
         else:
             env = {**env, **OURS_FIXED, "RUN_DIR": str(runs_dir / f"ours_{part}_{seed}"), **extra(a.ours_set)}
             cmd, stop = [a.python, str(ROOT / "train_gpt.py")], r"^event:prequant "
+        if a.profile and part == "speed":  # windows in training steps; ours also steps its optimizers in the warmup
+            offset = 0 if which == "record" else int(env["WARMUP_STEPS"]) * len(tg.train_warmup_plan(ours_cfg))
+            env = {**env, "PROFILE_STEPS": profile_windows(a.profile, offset), "PROFILE_OUT": str(runs_dir / f"{which}_profile"),
+                   "PROFILE_TAG": which, "PYTHONPATH": os.pathsep.join([str(PROFILE_HOOK), env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))])}
         print(f"event:run part:{part} which:{which} seed:{seed} steps:{steps} batch_tokens:{bt}", flush=True)
         t0 = time.time()
         out, status = run_process(cmd, env, a.timeout, stop)
         parsed = parse_record(out, bt) if which == "record" else parse_ours(out)
         r = dict(which=which, part=part, seed=seed, steps=steps, batch_tokens=bt, status=status, seconds=round(time.time() - t0, 1),
                  concurrent=a.parallel if part == "loss" else 1, **parsed)
+        pdir = Path(env.get("PROFILE_OUT", ""))
+        if "PROFILE_STEPS" in env and pdir.is_dir():
+            r["profile"] = {f.stem: json.loads(f.read_text()) for f in sorted(pdir.glob("*.json"))}
         if part == "speed" or a.parallel == 1:
             r["speed"] = interval_speeds(parsed["time_s"], parsed["loop_step"], bt, 1 if part == "speed" else 10)
         tail = [l for l in out.splitlines() if "Error" in l or "error" in l][-3:]

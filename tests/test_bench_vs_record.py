@@ -214,3 +214,36 @@ def test_harness_runs_ours_on_cpu(tmp_path):
     assert runs[0]["loss"]["1"] != runs[1]["loss"]["1"]  # different seeds, different init
     assert "ours vs pr1855_train_gpt.py" in (out / "bench_vs_record.md").read_text()
     assert "===== ours loss seed 2 (ok) =====" in (out / "bench_vs_record_runs.log").read_text()
+
+
+def test_profile_windows_shift_by_ours_warmup_and_reject_bad_specs():
+    assert bvr.profile_windows("8:11,40:43", 0) == "8:11,40:43"
+    assert bvr.profile_windows("8:11", 4) == "12:15"
+    for bad in ("8", "5:5", "a:b", "9:3"):
+        with pytest.raises(SystemExit, match="--profile"):
+            bvr.profile_windows(bad, 0)
+
+
+def test_profile_hook_profiles_exactly_the_chosen_optimizer_steps(tmp_path):
+    """bench/profile_hook as sitecustomize of an unmodified script: a window A:B covers the optimizer steps A+1..B of
+    the first optimizer (a second optimizer does not advance the count), and nothing runs without PROFILE_STEPS."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\n"
+        "w, b = torch.nn.Parameter(torch.randn(32, 32)), torch.nn.Parameter(torch.zeros(32))\n"
+        "o1, o2 = torch.optim.SGD([w], lr=0.01), torch.optim.Adam([b], lr=0.01)\n"
+        "for i in range(7):\n"
+        "    torch.mm(w, torch.ones(32, 32)).add(b).square().sum().backward()\n"
+        "    o1.step(); o2.step(); o1.zero_grad(); o2.zero_grad()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "bench" / "profile_hook"), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "prof"
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120,
+                   env=dict(env, PROFILE_STEPS="2:5", PROFILE_OUT=str(out), PROFILE_TAG="t"))
+    d = json.loads((out / "t_2-5.json").read_text())
+    calls = {k["name"]: k["calls_per_step"] for k in d["kernels"]}
+    assert d["steps"] == 3 and d["device"] == "cpu" and d["device_ms_per_step"] > 0
+    assert calls["aten::mm"] == 2  # forward + the weight gradient, once per step
+    assert calls["Optimizer.step#SGD.step"] == 1 and calls["Optimizer.step#Adam.step"] == 1
+    assert (out / "t_2-5.txt").read_text().strip()
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120, env=dict(env, PROFILE_OUT=str(tmp_path / "none")))
+    assert not (tmp_path / "none").exists()

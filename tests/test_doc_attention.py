@@ -4,6 +4,7 @@ in the training layout, and which masks each path gets. The varlen kernel wiring
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 from feature_ref import BOS, build, perturb, token_ids
@@ -89,9 +90,55 @@ def test_masks_follow_train_and_eval_settings():
     assert tg.resolve_kernels(doc_train, "cpu").masks(ids, BOS) == {}  # plain causal eval windows (as the records' sliding eval)
     doc_eval = build(DOC_ATTENTION=0, EVAL_DOC_ATTENTION="on")[0]
     assert tg.resolve_kernels(doc_eval, "cpu").masks(ids, BOS, train=True) == {}
-    eval_masks = tg.resolve_kernels(doc_eval, "cpu").masks(ids, BOS)
-    assert eval_masks and eval_masks[0].shape == (2, 1, 16, 16)
-    assert not eval_masks[0][1, 0, 9, 8] and eval_masks[0][1, 0, 8, 0]  # BOS at 9 starts a new segment; rows are separate
+    eval_masks = tg.resolve_kernels(doc_eval, "cpu").masks(ids, BOS)  # the CPU: segments for sdpa_varlen
+    cu, max_len = eval_masks["varlen"]
+    assert max_len == 16 and cu[:5].tolist() == [0, 9, 16, 25, 32] and (cu[5:] == 32).all()  # BOS at 9; rows separate
+    # the dense document masks (compiled CUDA with ATTN_BACKEND=sdpa; FlexAttention's block masks are the same rule)
+    dense = tg.build_masks(doc_eval, 16, "cpu", tg.segment_ids(cu, ids.shape), False)
+    assert dense[0].shape == (2, 1, 16, 16)
+    assert not dense[0][1, 0, 9, 8] and dense[0][1, 0, 8, 0] and dense[0][1, 0, 10, 9]
     assert build(DOC_ATTENTION=1)[0].eval_doc_attention_on and not build(DOC_ATTENTION=0)[0].eval_doc_attention_on
     with pytest.raises(tg.ConfigError, match="EVAL_DOC_ATTENTION"):
         build(EVAL_DOC_ATTENTION="yes")
+
+
+@pytest.mark.parametrize("window,Hkv", [(0, 2), (3, 2), (5, 4), (40, 1)])
+def test_sdpa_varlen_matches_document_masks_and_stays_per_segment(monkeypatch, window, Hkv):
+    """The CPU's varlen attention (no flash kernel): outputs and gradients equal dense SDPA under the document mask
+    over the packed row; up to SDPA_VARLEN_DENSE_MAX tokens that one mask is what runs, above it no attention call is
+    larger than the longest segment (memory: the sum of squared segment lengths, not (B*T)^2)."""
+    g = torch.Generator().manual_seed(window + Hkv)
+    N, H, D = 60, 4, 8
+    q, k, v = (torch.randn(N, h, D, generator=g, requires_grad=True) for h in (H, Hkv, Hkv))
+    cu = torch.tensor([0, 7, 8, 30, 41, 60] + [60] * 58, dtype=torch.int32)  # padded to 64 as doc_cu_seqlens pads
+    pos = torch.arange(N)
+    seg = torch.searchsorted(cu, pos.to(torch.int32), right=True)
+    mask = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
+    if window:
+        mask &= pos[:, None] - pos[None, :] <= window
+    qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=Hkv != H)[0].transpose(0, 1)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    sizes, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: (sizes.append(a[0].size(-2)), sdpa(*a, **kw))[1])
+    assert torch.allclose(tg.sdpa_varlen(q, k, v, cu, 22, window), ref, atol=1e-5) and sizes == [N]  # small: one dense mask
+    sizes.clear()
+    monkeypatch.setattr(tg, "SDPA_VARLEN_DENSE_MAX", 16)
+    out = tg.sdpa_varlen(q, k, v, cu, 22, window)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert out.shape == (N, H, D) and torch.allclose(out, ref, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
+    assert sizes == [7, 1, 22, 11, 19]
+    # traced (fullgraph: no host loop), the same mask over the packed row: one graph, the same output
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    torch._dynamo.reset()
+    traced = torch.compile(tg.sdpa_varlen, backend="eager", fullgraph=True)(q, k, v, cu, 22, window)
+    assert torch.allclose(traced, ref, atol=1e-5)
+
+
+def test_cpu_and_eager_cuda_document_attention_take_sdpa_varlen():
+    cfg = build(DOC_ATTENTION=1)[0]
+    assert tg.varlen_kernel(cfg, "cpu") is tg.sdpa_varlen and tg.resolve_kernels(cfg, "cpu").varlen is tg.sdpa_varlen
+    ids = token_ids(B=1, T=40, seed=3, bos_positions=(0, 12, 31))
+    masks = tg.resolve_kernels(cfg, "cpu").masks(ids, BOS, train=True)
+    assert set(masks) == {"varlen"} and masks["varlen"][0][:5].tolist() == [0, 12, 12 + cfg.train_seq_len, 31, 40]

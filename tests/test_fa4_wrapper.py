@@ -192,9 +192,11 @@ def test_auto_attention_policy(monkeypatch):
     setup("fa3", True, 9)
     for env in (dict(ATTN_BACKEND="sdpa"), dict(ATTN_BACKEND="flex")):
         assert tg.flash_kernel(cfg(**env), cuda) is None and tg.varlen_kernel(cfg(**env), cuda) is None, env
-    # DOC_ATTENTION attends with the same flash kernel's varlen entry point; none on the CPU (document masks)
+    # DOC_ATTENTION attends with the same flash kernel's varlen entry point; without one, SDPA per segment in eager
+    # runs (the CPU, COMPILE=0) and document masks in compiled CUDA runs
     assert tg.flash_kernel(cfg(DOC_ATTENTION=1), cuda) is f3 and tg.varlen_kernel(cfg(DOC_ATTENTION=1), cuda) is tg._flash_varlen
-    assert tg.varlen_kernel(cfg(DOC_ATTENTION=1), torch.device("cpu")) is None
+    assert tg.varlen_kernel(cfg(DOC_ATTENTION=1), torch.device("cpu")) is tg.sdpa_varlen
+    assert tg.varlen_kernel(cfg(ATTN_BACKEND="sdpa", COMPILE=0), cuda) is tg.sdpa_varlen
     assert name(cfg(ATTN_BACKEND="flex"), cuda) == "flex"
     assert name(cfg(), torch.device("cpu")) == "sdpa"
     k = tg.resolve_kernels(cfg(DOC_ATTENTION=1), cuda)  # the resolved object carries the same choices
@@ -308,9 +310,9 @@ def test_fa4_varlen_wrapper_matches_masked_sdpa(fa4, window, compiled):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_model_doc_attention_varlen_equals_document_masks(fa4, monkeypatch, train):
-    """The whole model with DOC_ATTENTION through the varlen kernel gives the loss and every parameter gradient of the
-    document-mask path (SDPA over segment ids): training layout (one packed row, documents cut every TRAIN_SEQ_LEN from
-    their start) and eval layout (rows = windows)."""
+    """The whole model with DOC_ATTENTION through a varlen kernel -- the FA4 wrapper (stand-in kernels) and the CPU's
+    own sdpa_varlen -- gives the loss and every parameter gradient of the document-mask path (SDPA over segment ids):
+    training layout (one packed row, documents cut every TRAIN_SEQ_LEN from their start) and eval layout (rows = windows)."""
     from feature_ref import BOS, build, perturb, token_ids
     fn, interface = fa4
     kw = dict(DOC_ATTENTION=1, TRAIN_SEQ_LEN=8, WINDOW_PATTERN="SL", WINDOW_SHORT=3, SMEAR_GATE=1, XSA_LAST_N=-1,
@@ -319,28 +321,28 @@ def test_model_doc_attention_varlen_equals_document_masks(fa4, monkeypatch, trai
     x = ids.reshape(1, -1) if train else ids
     y = torch.roll(x, -1, 1)
 
-    def loss_and_grads(varlen):
+    def loss_and_grads(varlen):  # None: document masks; else the varlen kernel the model resolves
         cfg, m = build(**kw)
         perturb(m)
         m.looping_active = True
         with monkeypatch.context() as mp:
-            if varlen:  # the CPU has no varlen kernel: resolve the stand-in as the model's varlen kernel
-                mp.setattr(tg, "varlen_kernel", lambda cfg, device=None: fn.varlen)
+            mp.setattr(tg, "varlen_kernel", lambda cfg, device=None: varlen)
             m.set_kernels(tg.resolve_kernels(cfg, "cpu"))
             masks = m.masks(x, train=train)
-            assert ("varlen" in masks) == varlen
+            assert ("varlen" in masks) == (varlen is not None)
             loss = m(x, y, masks)
             loss.backward()
         return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
-    n = interface.calls["varlen"]
-    ref_loss, ref_grads = loss_and_grads(False)
-    loss, grads = loss_and_grads(True)
-    assert interface.calls["varlen"] > n
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    ref_loss, ref_grads = loss_and_grads(None)
+    for varlen in (fn.varlen, tg.sdpa_varlen):
+        n = interface.calls["varlen"]
+        loss, grads = loss_and_grads(varlen)
+        assert (interface.calls["varlen"] > n) == (varlen is fn.varlen)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_fa4_check_covers_varlen(fa4, monkeypatch):
