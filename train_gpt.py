@@ -278,6 +278,7 @@ FIELDS: list[Field] = [
     ]),
     *group("systems", [  # systems: kernels, compile, loader
         _f("ATTN_BACKEND", str, "auto", "auto | flash (flash-attn 3/2) | fa4 (flash-attn-4, CuTe DSL) | sdpa | flex (FlexAttention)", choices=("auto", "flash", "fa4", "sdpa", "flex")),
+        _f("CE_KERNEL", str, "torch", "training loss: torch (fp32 softcapped logits through inductor) | triton (one Triton kernel each way on the bf16 logits: softcap, logsumexp and the gradient, as record #1855's fused CE; CUDA, checked against fp32 first; speed not yet measured here)", choices=("torch", "triton")),
         _f("MLP_KERNEL", str, "auto", "MLP backward: auto (triton on Hopper+ once its check passes) | triton (the dgrad GEMM with the LeakyReLU^2 derivative in its epilogue) | torch", choices=("auto", "triton", "torch")),
         _f("COMPILE", bool, True, "torch.compile the model and Newton-Schulz (CUDA only)"),
         _f("FUSED_GRADS", bool, True, "custom backwards (cuBLAS column sums) for the channel scales, U-Net skip mix and lane mix; 0 = the plain expressions under autograd (same math)"),
@@ -592,6 +593,9 @@ class Config(ConfigValues):
                  "ATTN_BACKEND=flash: neither flash-attn 3 (flash_attn_interface) nor flash-attn 2 (flash_attn) is importable; use ATTN_BACKEND=auto")
         if self.attn_backend == "fa4":
             need(module_available("flash_attn.cute"), "ATTN_BACKEND=fa4: flash-attn-4 is not importable (pip install flash-attn-4)")
+        if self.ce_kernel == "triton":
+            need(module_available("triton"), "CE_KERNEL=triton: triton is not importable (it ships with CUDA builds of torch)")
+            need(self.logit_softcap > 0 and not self.asym_logit_rescale, "CE_KERNEL=triton fuses the plain tanh softcap: it needs LOGIT_SOFTCAP > 0 and ASYM_LOGIT_RESCALE=0")
         if self.mlp_kernel == "triton":
             need(module_available("triton"), "MLP_KERNEL=triton: triton is not importable (it ships with CUDA builds of torch)")
             hidden = int(self.mlp_mult * self.model_dim)
@@ -1548,6 +1552,12 @@ class GPT(nn.Module):
         return self.logits_from_hidden(self.hidden(ids, masks, lora), lora)
 
     def forward(self, ids, targets, masks=None, reduction: str = "mean", lora: dict | None = None, hint=None):
+        if self.kernels.ce is not None and reduction == "mean" and lora is None and hint is None and self.asym_softcap is None:
+            # CE_KERNEL=triton: the bf16 logits go to one kernel each way (no fp32 [tokens x vocab] copy)
+            h = self.hidden(ids, masks, None)
+            w = self.tok_emb.weight if self.lm_head is None else self.lm_head.effective_weight()
+            logits = F.linear(h, w.to(h.dtype))
+            return self.kernels.ce(logits.view(-1, logits.size(-1)), targets.reshape(-1), float(self.cfg.logit_softcap))[0].mean()
         logits = self.forward_logits(ids, masks, lora)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         loss = loss if reduction == "mean" else loss.view(targets.shape)
@@ -3677,6 +3687,7 @@ def run(cfg: Config, rank: int, world: int, device, eval_only: str | None) -> in
     kernels = resolve_kernels(cfg, device)  # every kernel check, once, before anything is compiled
     log("env", torch=torch.__version__, cuda=torch.version.cuda or "none", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         world_size=world, flash_attn=FLASH_ATTN or "none", attention=kernels.attention, mlp_kernel=kernels.mlp,
+        ce_kernel="triton" if kernels.ce is not None else "torch",
         fused_grads=cfg.fused_grads, code_sha256=code_sha, code_bytes=len(code), run_dir=run_dir)
     for verdicts, what in ((FA4_CHECK, "flash-attn-4 is installed but not used (SDPA instead)"),
                            (MLP_DGRAD_CHECK, "the Triton MLP kernel is not used (cuBLAS + inductor instead)")):
@@ -3926,6 +3937,7 @@ class Kernels:
     skip_mix: Callable            # fused-gradient versions under FUSED_GRADS=1
     lane_mix: Callable
     window_masks: dict = dataclasses.field(default_factory=dict, repr=False)  # static window masks by (T, device)
+    ce: Callable | None = None    # the fused softcapped CE op (CE_KERNEL=triton), None = torch
 
     @property
     def mlp(self) -> str:
@@ -3971,7 +3983,7 @@ def resolve_kernels(cfg: Config, device) -> Kernels:
         "flex" if cuda and cfg.attn_backend == "flex" else "sdpa"
     ops = (fused_scale, fused_skip_mix, fused_lane_mix) if cfg.fused_grads else (scale, skip_mix, lane_mix)
     return Kernels(cfg, device, attention, flash, varlen_kernel(cfg, device), cuda and flash is None and cfg.attn_backend != "sdpa",
-                   mlp_dgrad_kernel(cfg, device), *ops)
+                   mlp_dgrad_kernel(cfg, device), *ops, ce=ce_kernel(cfg, device))
 
 
 try:  # FlashAttention 3 (Hopper) or 2, used when importable; everything works without it.
@@ -4328,6 +4340,137 @@ def mlp_dgrad_kernel(cfg: Config, device):
     if why is not None and cfg.mlp_kernel == "triton":
         raise RuntimeError(f"MLP_KERNEL=triton: the Triton MLP kernel failed its check on {device}: {why}")
     return None if why is not None else op
+
+
+_SOFTCAP_CE: list = []  # [custom op or None] once loaded
+SOFTCAP_CE_CHECK: dict = {}  # device index -> None (the fused CE matched fp32 on the probe) or why it is not used
+
+
+def softcap_ce_op():
+    """Softcapped cross-entropy as a torch custom op with its own backward, or None without triton:
+    softcap_ce(logits [N, V], targets [N], c) -> (loss [N], lse [N]) in fp32, z = c tanh(x / c), loss = lse(z) - z_t;
+    the backward writes dx = g (softmax(z) - onehot(t)) (1 - (z / c)^2) in the logits' dtype. One program per row,
+    an online logsumexp over V in blocks: each direction reads the logits once (inductor's path keeps an fp32 copy).
+    TRITON_INTERPRET=1 runs it on a CPU."""
+    if _SOFTCAP_CE:
+        return _SOFTCAP_CE[0]
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:
+        _SOFTCAP_CE.append(None)
+        return None
+
+    # builtins only (tl.where / tl.exp / tl.log / tl.reduce with our own combine functions): the CPU interpreter
+    # (tests) cannot call triton's own jit helpers (tl.max, tl.sum, tl.sigmoid) once triton was imported without it
+    @triton.jit
+    def _ce_max(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _ce_add(a, b):
+        return a + b
+
+    globals().update(_ce_max=_ce_max, _ce_add=_ce_add)  # a kernel resolves the functions it calls in module globals
+
+    @triton.jit
+    def fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, stride, c, V: tl.constexpr, BLOCK: tl.constexpr):  # V: the vocab, one compile
+        row = tl.program_id(0).to(tl.int64)
+        base = x_ptr + row * stride
+        m = tl.full((BLOCK,), -1e30, tl.float32)  # per-lane running max and sum; one reduction at the end
+        acc = tl.full((BLOCK,), 0.0, tl.float32)
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            z = tl.where(cols < V, c - 2.0 * c / (tl.exp(2.0 * x / c) + 1.0), -1e30)  # c tanh(x / c)
+            m_new = tl.maximum(m, z)
+            acc = acc * tl.exp(m - m_new) + tl.exp(z - m_new)
+            m = m_new
+        top = tl.reduce(m, 0, _ce_max)
+        lse = top + tl.log(tl.reduce(acc * tl.exp(m - top), 0, _ce_add))
+        xt = tl.load(base + tl.load(t_ptr + row)).to(tl.float32)
+        tl.store(loss_ptr + row, lse - (c - 2.0 * c / (tl.exp(2.0 * xt / c) + 1.0)))
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def bwd_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, stride, c, V: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base, dbase = x_ptr + row * stride, dx_ptr + row * stride
+        lse, g, t = tl.load(lse_ptr + row), tl.load(g_ptr + row), tl.load(t_ptr + row)
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            z = c - 2.0 * c / (tl.exp(2.0 * x / c) + 1.0)
+            p = tl.exp(z - lse) - tl.where(cols == t, 1.0, 0.0)
+            u = z / c
+            tl.store(dbase + cols, (g * p * (1.0 - u * u)).to(dx_ptr.dtype.element_ty), mask=cols < V)
+
+    block = lambda V: min(1024, triton.next_power_of_2(V))
+
+    @torch.library.custom_op("train_gpt::softcap_ce", mutates_args=())
+    def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, targets = logits.contiguous(), targets.contiguous()
+        N, V = logits.shape
+        loss = torch.empty(N, device=logits.device, dtype=torch.float32)
+        lse = torch.empty_like(loss)
+        fwd_kernel[(N,)](logits, targets, loss, lse, logits.stride(0), float(softcap), V=V, BLOCK=block(V), num_warps=4)
+        return loss, lse
+
+    @softcap_ce.register_fake
+    def _(logits, targets, softcap):
+        return logits.new_empty(logits.size(0), dtype=torch.float32), logits.new_empty(logits.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op("train_gpt::softcap_ce_bwd", mutates_args=())
+    def softcap_ce_bwd(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, softcap: float) -> torch.Tensor:
+        logits, targets, grad = logits.contiguous(), targets.contiguous(), grad.contiguous().float()
+        N, V = logits.shape
+        dx = torch.empty_like(logits)
+        bwd_kernel[(N,)](logits, targets, lse, grad, dx, logits.stride(0), float(softcap), V=V, BLOCK=block(V), num_warps=4)
+        return dx
+
+    @softcap_ce_bwd.register_fake
+    def _(grad, logits, targets, lse, softcap):
+        return torch.empty_like(logits)
+
+    def setup_context(ctx, inputs, output):
+        logits, targets, softcap = inputs
+        ctx.save_for_backward(logits, targets, output[1])
+        ctx.softcap = softcap
+
+    def backward(ctx, grad_loss, grad_lse):  # lse is an output for the backward only: its gradient is ignored
+        logits, targets, lse = ctx.saved_tensors
+        return softcap_ce_bwd(grad_loss, logits, targets, lse, ctx.softcap), None, None
+
+    softcap_ce.register_autograd(backward, setup_context=setup_context)
+    _SOFTCAP_CE.append(softcap_ce)
+    return softcap_ce
+
+
+def _softcap_ce_probe(op, device) -> str | None:
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    N, V, c = 37, 1500, 30.0  # a ragged last block on purpose
+    x = (torch.randn(N, V, device=device, generator=g) * 40).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), device=device, generator=g)
+    loss = op(x, t, c)[0]
+    (dx,) = torch.autograd.grad(loss.mean(), x)
+    xr = x.detach().float().requires_grad_()
+    ref = F.cross_entropy(c * torch.tanh(xr / c), t, reduction="none")
+    (dref,) = torch.autograd.grad(ref.mean(), xr)
+    err = max(((loss - ref).abs().max() / ref.abs().max()).item(), ((dx.float() - dref).abs().max() / dref.abs().max()).item())
+    return None if math.isfinite(err) and err < 0.02 else f"differs from fp32: max relative error {err:.3g}"
+
+
+def ce_kernel(cfg: Config, device):
+    """The fused softcapped CE op of CE_KERNEL=triton on CUDA once `checked_kernel` has run it against fp32 on this
+    device (a failed check fails loudly: it was asked for), else None (torch)."""
+    if cfg.ce_kernel != "triton" or device.type != "cuda":
+        return None
+    device = _indexed_cuda(device)
+    why = checked_kernel(SOFTCAP_CE_CHECK, device, softcap_ce_op(), _softcap_ce_probe, "triton does not import")
+    if why is not None:
+        raise RuntimeError(f"CE_KERNEL=triton: the fused CE kernel failed its check on {device}: {why}")
+    return softcap_ce_op()
 
 
 class MLPFusedGrad(torch.autograd.Function):
