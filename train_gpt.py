@@ -4251,26 +4251,41 @@ def varlen_kernel(cfg: Config, device=None):
     return _flash_varlen if flash is _flash_attn_func else getattr(flash, "varlen", None)
 
 
-_MLP_DGRAD: list = []  # [custom op or None] once loaded
+def triton_op_once(build: Callable) -> Callable:
+    """Decorator for the optional Triton ops: `build(triton, tl)` makes the op once per process; the decorated
+    function returns it, or None when triton (or a part of it the op needs) does not import. `.cache`: [op or None]."""
+    cache: list = []
+
+    def get():
+        if not cache:
+            try:
+                import triton
+                import triton.language as tl
+            except Exception:  # noqa: BLE001 - any import failure: not usable here
+                cache.append(None)
+                return None
+            try:
+                cache.append(build(triton, tl))
+            except ImportError:
+                cache.append(None)
+        return cache[0]
+
+    get.cache, get.__doc__, get.__name__ = cache, build.__doc__, build.__name__
+    return get
+
+
 MLP_DGRAD_CHECK: dict = {}  # device index -> None (the Triton kernel matched fp32 on the probe) or why it is not used
 MLP_DGRAD_TILE = dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)  # an autotuning's pick (BENCHMARKS.md)
 
 
-def mlp_dgrad_op():
+@triton_op_once
+def mlp_dgrad_op(triton, tl):
     """The MLP backward's dgrad GEMM with the activation derivative in its epilogue, as a torch custom op
     mlp_dgrad(g, w2, pre, slope) = (g @ w2) * f'(pre), f(u) = leaky_relu(u, slope)^2, f'(u) = 2u (u > 0) or
     2 slope^2 u; or None without triton. One Triton kernel (TMA loads/stores, persistent over output tiles) in
     place of cuBLAS + a pass that reads the [tokens x hidden] product and pre again (its gain: BENCHMARKS.md).
     TRITON_INTERPRET=1 runs it on a CPU."""
-    if _MLP_DGRAD:
-        return _MLP_DGRAD[0]
-    try:
-        import triton
-        import triton.language as tl
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except Exception:
-        _MLP_DGRAD.append(None)
-        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
     def dgrad_kernel(g_desc, w_desc, pre_desc, out_desc, M, N, slope, K: tl.constexpr, PROGRAMS: tl.constexpr,
@@ -4311,7 +4326,6 @@ def mlp_dgrad_op():
     def _(g, w2, pre, slope):
         return torch.empty_like(pre)
 
-    _MLP_DGRAD.append(mlp_dgrad)
     return mlp_dgrad
 
 
@@ -4342,25 +4356,16 @@ def mlp_dgrad_kernel(cfg: Config, device):
     return None if why is not None else op
 
 
-_SOFTCAP_CE: list = []  # [custom op or None] once loaded
 SOFTCAP_CE_CHECK: dict = {}  # device index -> None (the fused CE matched fp32 on the probe) or why it is not used
 
 
-def softcap_ce_op():
+@triton_op_once
+def softcap_ce_op(triton, tl):
     """Softcapped cross-entropy as a torch custom op with its own backward, or None without triton:
     softcap_ce(logits [N, V], targets [N], c) -> (loss [N], lse [N]) in fp32, z = c tanh(x / c), loss = lse(z) - z_t;
     the backward writes dx = g (softmax(z) - onehot(t)) (1 - (z / c)^2) in the logits' dtype. One program per row,
     an online logsumexp over V in blocks: each direction reads the logits once (inductor's path keeps an fp32 copy).
     TRITON_INTERPRET=1 runs it on a CPU."""
-    if _SOFTCAP_CE:
-        return _SOFTCAP_CE[0]
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:
-        _SOFTCAP_CE.append(None)
-        return None
-
     # builtins only (tl.where / tl.exp / tl.log / tl.reduce with our own combine functions): the CPU interpreter
     # (tests) cannot call triton's own jit helpers (tl.max, tl.sum, tl.sigmoid) once triton was imported without it
     @triton.jit
@@ -4442,7 +4447,6 @@ def softcap_ce_op():
         return softcap_ce_bwd(grad_loss, logits, targets, lse, ctx.softcap), None, None
 
     softcap_ce.register_autograd(backward, setup_context=setup_context)
-    _SOFTCAP_CE.append(softcap_ce)
     return softcap_ce
 
 

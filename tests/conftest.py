@@ -32,3 +32,25 @@ def graph_counter():
         return gm.forward
 
     return counting, graphs
+
+
+def interpreted_triton_op(monkeypatch, getter):
+    """The real Triton custom op of `getter` (a train_gpt.triton_op_once function), its kernels decorated under
+    Triton's CPU interpreter (TRITON_INTERPRET=1; kept for the process: op names are global). Skips when a compiled
+    (GPU) build of the op is already loaded in this process."""
+    import pytest
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if getter.cache and getter.cache[0] is not None and not getattr(getter.cache[0], "_interpreted", False):
+        pytest.skip(f"a compiled (GPU) {getter.__name__} op is already loaded in this process")
+    fn = getter()
+    fn._interpreted = True
+    return fn
+
+
+def needs_triton(fn):
+    """Skip marker for the tests that run a Triton kernel (in the interpreter on the CPU)."""
+    import importlib.util
+
+    import pytest
+    return pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                              reason="triton not installed (.ci/run installs it; CUDA builds of torch ship it)")(fn)

@@ -2,28 +2,19 @@
 in Triton's interpreter (TRITON_INTERPRET=1, fp32) against torch's softcap + F.cross_entropy; the GPU path (bf16) is
 checked by the op's on-device probe before a run uses it, and timed by bench/bench_vs_record.py / bench_speed.py."""
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import interpreted_triton_op, needs_triton
 from test_core import assert_default_stack_is_one_graph, tiny_cfg
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton not installed (.ci/run installs it; CUDA builds of torch ship it)")
 
 
 @pytest.fixture
 def op(monkeypatch):
-    """The real custom op, its kernels decorated under the interpreter (kept for the process: op names are global)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if tg._SOFTCAP_CE and tg._SOFTCAP_CE[0] is not None and not getattr(tg._SOFTCAP_CE[0], "_interpreted", False):
-        pytest.skip("a compiled (GPU) softcap_ce op is already loaded in this process")
-    fn = tg.softcap_ce_op()
-    fn._interpreted = True
-    return fn
+    return interpreted_triton_op(monkeypatch, tg.softcap_ce_op)
 
 
 def reference(x, t, c):

@@ -2,28 +2,19 @@
 On the CPU the real kernel runs in Triton's interpreter (TRITON_INTERPRET=1, fp32); the GPU path (bf16, the
 autotuned H200 tile) is timed and checked by bench/bench_mlp.py and by the op's on-device check."""
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import interpreted_triton_op, needs_triton
 from test_core import assert_default_stack_is_one_graph, tiny_cfg
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton not installed (.ci/run installs it; CUDA builds of torch ship it)")
 
 
 @pytest.fixture
 def op(monkeypatch):
-    """The real custom op, its kernel decorated under the interpreter (kept for the process: op names are global)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if tg._MLP_DGRAD and tg._MLP_DGRAD[0] is not None and not getattr(tg._MLP_DGRAD[0], "_interpreted", False):
-        pytest.skip("a compiled (GPU) mlp_dgrad op is already loaded in this process")
-    fn = tg.mlp_dgrad_op()
-    fn._interpreted = True
-    return fn
+    return interpreted_triton_op(monkeypatch, tg.mlp_dgrad_op)
 
 
 @needs_triton
