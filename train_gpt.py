@@ -278,7 +278,7 @@ FIELDS: list[Field] = [
     ]),
     *group("systems", [  # systems: kernels, compile, loader
         _f("ATTN_BACKEND", str, "auto", "auto | flash (flash-attn 3/2) | fa4 (flash-attn-4, CuTe DSL) | sdpa | flex (FlexAttention)", choices=("auto", "flash", "fa4", "sdpa", "flex")),
-        _f("CE_KERNEL", str, "torch", "training loss: torch (fp32 softcapped logits through inductor) | triton (one Triton kernel each way on the bf16 logits: softcap, logsumexp and the gradient, as record #1855's fused CE; CUDA, checked against fp32 first; speed not yet measured here)", choices=("torch", "triton")),
+        _f("CE_KERNEL", str, "auto", "training loss: auto (triton on CUDA with the plain tanh softcap, once its check passes; else torch) | triton (one Triton kernel each way on the bf16 logits: softcap, logsumexp and the gradient, as record #1855's fused CE; checked against fp32 first; -0.6..0.9 % step time on an H200, BENCHMARKS.md) | torch (fp32 softcapped logits through inductor)", choices=("auto", "triton", "torch")),
         _f("MLP_KERNEL", str, "auto", "MLP backward: auto (triton on Hopper+ once its check passes) | triton (the dgrad GEMM with the LeakyReLU^2 derivative in its epilogue) | torch", choices=("auto", "triton", "torch")),
         _f("COMPILE", bool, True, "torch.compile the model and Newton-Schulz (CUDA only)"),
         _f("FUSED_GRADS", bool, True, "custom backwards (cuBLAS column sums) for the channel scales, U-Net skip mix and lane mix; 0 = the plain expressions under autograd (same math)"),
@@ -4466,15 +4466,18 @@ def _softcap_ce_probe(op, device) -> str | None:
 
 
 def ce_kernel(cfg: Config, device):
-    """The fused softcapped CE op of CE_KERNEL=triton on CUDA once `checked_kernel` has run it against fp32 on this
-    device (a failed check fails loudly: it was asked for), else None (torch)."""
-    if cfg.ce_kernel != "triton" or device.type != "cuda":
+    """The fused softcapped CE op on CUDA once `checked_kernel` has run it against fp32 on this device, else None
+    (torch). auto: only with the plain tanh softcap, and a failed check falls back to torch; CE_KERNEL=triton fails
+    loudly when the check fails (it was asked for)."""
+    if cfg.ce_kernel == "torch" or device.type != "cuda":
         return None
+    if cfg.ce_kernel == "auto" and (cfg.logit_softcap <= 0 or cfg.asym_logit_rescale or softcap_ce_op() is None):
+        return None  # the kernel fuses the plain tanh softcap only (CE_KERNEL=triton: a ConfigError up front)
     device = _indexed_cuda(device)
     why = checked_kernel(SOFTCAP_CE_CHECK, device, softcap_ce_op(), _softcap_ce_probe, "triton does not import")
-    if why is not None:
+    if why is not None and cfg.ce_kernel == "triton":
         raise RuntimeError(f"CE_KERNEL=triton: the fused CE kernel failed its check on {device}: {why}")
-    return softcap_ce_op()
+    return None if why is not None else softcap_ce_op()
 
 
 class MLPFusedGrad(torch.autograd.Function):
@@ -4506,6 +4509,48 @@ class MLPFusedGrad(torch.autograd.Function):
                 None, None, None)
 
 
+FLEX_BLOCK = 128  # FlexAttention's block size (query and key/value)
+
+
+def flex_block_mask(T: int, window: int, seg: torch.Tensor | None, device, block: int = FLEX_BLOCK):
+    """FlexAttention BlockMask for causal attention within `window` (0 = full) and, with `seg` [B, T] (segment ids,
+    non-decreasing along each row), within segments. Built from block-level bounds, O((T/block)^2): a block pair is
+    empty, full (every pair attends: no mask_mod call) or partial (mask_mod decides per token). create_block_mask
+    evaluates mask_mod over all T x T pairs (int64 intermediates): 72 GiB at the 98,304-token packed row of the
+    default micro-batch, an OOM on an H200."""
+    from torch.nn.attention.flex_attention import BlockMask
+    device = torch.device(device)
+    nb = -(-T // block)
+    starts = torch.arange(nb, device=device) * block
+    ends = torch.clamp(starts + block, max=T) - 1  # last token of each block
+    q_lo, q_hi, k_lo, k_hi = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
+    some = k_lo <= q_hi   # some query of block i sees some key of block j (causal)
+    every = k_hi <= q_lo  # every query sees every key
+    if window:
+        some = some & (q_lo - k_hi <= window)
+        every = every & (q_hi - k_lo <= window)
+    some, every = some[None], every[None]  # [1, nb, nb], broadcast over rows
+    if seg is not None:
+        s_lo, s_hi = seg[:, starts], seg[:, ends]  # first / last segment of each block (segments ascend)
+        some = some & (s_lo[:, :, None] <= s_hi[:, None, :]) & (s_lo[:, None, :] <= s_hi[:, :, None])
+        one = s_lo == s_hi
+        every = every & (one[:, :, None] & one[:, None, :] & (s_lo[:, :, None] == s_lo[:, None, :]))
+    partial = (some & ~every)[:, None]  # [B, 1, nb, nb]
+    full = every.expand_as(some)[:, None]
+
+    def blocks(m):  # (count, indices with the set blocks first, ascending) per query block
+        return m.sum(-1, dtype=torch.int32), torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+
+    def mask_mod(b, h, q, kv):
+        m = q >= kv
+        if window:
+            m = m & (q - kv <= window)
+        if seg is not None:
+            m = m & (seg[b, q] == seg[b, kv])
+        return m
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T))
+
+
 def build_masks(cfg: Config, T: int, device, seg: torch.Tensor | None, use_flex: bool) -> dict:
     """One mask object per distinct window: None = plain causal (fast path), else a FlexAttention
     BlockMask (CUDA) or a boolean SDPA mask (CPU). `seg` [B, T] (DOC_ATTENTION without a varlen kernel, i.e. a compiled
@@ -4517,17 +4562,7 @@ def build_masks(cfg: Config, T: int, device, seg: torch.Tensor | None, use_flex:
             masks[w] = None
             continue
         if use_flex:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            def mask_mod(b, h, q, kv, w=w, seg=seg):
-                m = q >= kv
-                if w:
-                    m = m & (q - kv <= w)
-                if seg is not None:
-                    m = m & (seg[b, q] == seg[b, kv])
-                return m
-            B = seg.size(0) if seg is not None else None
-            masks[w] = create_block_mask(mask_mod, B, None, T, T, device=device)
+            masks[w] = flex_block_mask(T, w, seg, device)
         else:
             q = torch.arange(T, device=device)
             m = q[:, None] >= q[None, :]

@@ -185,6 +185,9 @@ def main(argv=None) -> int:
     info = C.env_info(device)
     kernels = tg.resolve_kernels(cfg, device)  # what the timed config runs on
     info["attention"], info["mlp_kernel"] = kernels.attention, kernels.mlp
+    # the full-causal kernel above; DOC_ATTENTION's document masks may run on another (flex without a varlen kernel)
+    info["doc_attention"] = ("varlen" if kernels.varlen else "flex" if kernels.flex else "dense masks") if cfg.doc_attention else "off"
+    info["ce_kernel"] = "triton" if kernels.ce is not None else "torch"
     res: dict = dict(bench="speed", tiny=args.tiny, env=info, overrides=C.knob_env(C.parse_sets(args.set)),
                      knob_env=C.knob_env(env), config=cfg.to_dict(), flops_formula=C.FLOPS_DOC, steps=steps, settle=settle)
     def save():  # JSON + markdown after every stage: a timeout still leaves what was measured
@@ -338,7 +341,7 @@ def markdown(res: dict) -> str:
     """Markdown snippet of whatever `res` holds so far."""
     e, mm, o = res["env"], res.get("matmul"), res.get("ours", {})
     lines = [f"## bench_speed ({e['device']}, torch {e['torch']}, cuda {e['cuda']}, flash_attn {e['flash_attn']}, attention {e.get('attention', '?')}"
-             f"{', TINY' if res['tiny'] else ''})\n"]
+             f", doc attention {e.get('doc_attention', '?')}, CE {e.get('ce_kernel', '?')}{', TINY' if res['tiny'] else ''})\n"]
     if "warmup_s" in o:
         lines.append(f"Config: defaults{' + ' + ' '.join(f'{k}={v}' for k, v in res['overrides'].items()) if res['overrides'] else ''}; "
                      f"{o['tokens_per_step']:,} tokens/step = {o['accum']} x {o['local_tokens']:,}-token micro-batches; "

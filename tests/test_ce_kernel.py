@@ -89,19 +89,28 @@ def _exact_ce(x: torch.Tensor, t: torch.Tensor, c: float) -> tuple[torch.Tensor,
 
 
 def test_ce_kernel_policy(monkeypatch):
-    """torch (default) and the CPU never use it; triton on CUDA once its check passed, loudly refused when the check
-    fails; the config refuses it without a plain softcap."""
+    """auto (default): the kernel on CUDA once its check passed, torch where the check failed, without a plain softcap
+    (LOGIT_SOFTCAP=0, ASYM_LOGIT_RESCALE=1) or without triton; never on the CPU. CE_KERNEL=triton: loudly refused when
+    the check fails and, up front, without a plain softcap. CE_KERNEL=torch: never."""
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     fake = object()
     cfg = lambda **env: tg.Config.from_env({k: str(v) for k, v in env.items()})  # noqa: E731
     monkeypatch.setattr(tg, "softcap_ce_op", lambda: fake)
     monkeypatch.setattr(tg, "module_available", lambda name: True)
     monkeypatch.setattr(tg, "SOFTCAP_CE_CHECK", {0: None})
-    assert tg.ce_kernel(cfg(), cuda) is None and tg.ce_kernel(cfg(CE_KERNEL="triton"), cpu) is None
-    assert tg.ce_kernel(cfg(CE_KERNEL="triton"), cuda) is fake
+    assert cfg().ce_kernel == "auto"
+    assert tg.ce_kernel(cfg(), cuda) is fake and tg.ce_kernel(cfg(CE_KERNEL="triton"), cuda) is fake
+    assert tg.ce_kernel(cfg(), cpu) is None and tg.ce_kernel(cfg(CE_KERNEL="triton"), cpu) is None
+    assert tg.ce_kernel(cfg(CE_KERNEL="torch"), cuda) is None
+    for plain_softcap_off in (dict(LOGIT_SOFTCAP=0), dict(ASYM_LOGIT_RESCALE=1)):
+        assert tg.ce_kernel(cfg(**plain_softcap_off), cuda) is None
     monkeypatch.setattr(tg, "SOFTCAP_CE_CHECK", {0: "RuntimeError: PTX not supported"})
+    assert tg.ce_kernel(cfg(), cuda) is None
     with pytest.raises(RuntimeError, match="CE_KERNEL=triton: the fused CE kernel failed its check on cuda:0: RuntimeError: PTX"):
         tg.ce_kernel(cfg(CE_KERNEL="triton"), cuda)
+    monkeypatch.setattr(tg, "SOFTCAP_CE_CHECK", {0: None})
+    monkeypatch.setattr(tg, "softcap_ce_op", lambda: None)  # triton does not import
+    assert tg.ce_kernel(cfg(), cuda) is None
     for bad in (dict(LOGIT_SOFTCAP=0), dict(ASYM_LOGIT_RESCALE=1)):
         with pytest.raises(tg.ConfigError, match="CE_KERNEL=triton"):
             cfg(CE_KERNEL="triton", **bad)

@@ -1,13 +1,15 @@
 """In-document attention (DOC_ATTENTION / EVAL_DOC_ATTENTION): the records' varlen training layout. Segment
 boundaries against a naive reference, the loader's packed rows, document isolation and the cut of long documents
 in the training layout, and which masks each path gets. The varlen kernel wiring is in test_fa4_wrapper.py."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from feature_ref import BOS, build, perturb, token_ids
+from feature_ref import BOS, build, make_cfg, perturb, token_ids
 
 
 def naive_cu(ids: np.ndarray, bos: int, max_len: int) -> list[int]:
@@ -142,3 +144,70 @@ def test_cpu_and_eager_cuda_document_attention_take_sdpa_varlen():
     ids = token_ids(B=1, T=40, seed=3, bos_positions=(0, 12, 31))
     masks = tg.resolve_kernels(cfg, "cpu").masks(ids, BOS, train=True)
     assert set(masks) == {"varlen"} and masks["varlen"][0][:5].tolist() == [0, 12, 12 + cfg.train_seq_len, 31, 40]
+
+
+def _block_sets(bm):
+    """{(row, query block): (partial kv blocks, full kv blocks)} of a BlockMask."""
+    n, idx, fn, fidx = bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
+    return {(b, i): (set(idx[b, 0, i, :n[b, 0, i]].tolist()), set(fidx[b, 0, i, :fn[b, 0, i]].tolist()))
+            for b in range(n.size(0)) for i in range(n.size(2))}
+
+
+@pytest.mark.parametrize("T,window,bos_positions", [(512, 0, (0, 100, 130, 300)), (512, 40, (0, 5, 200)),
+                                                    (640, 300, (0,)), (500, 0, (0, 129, 257)), (512, 200, None)])
+def test_flex_block_mask_matches_create_block_mask_and_dense_attention(T, window, bos_positions):
+    """The block-level BlockMask (compiled CUDA without a flash kernel) classifies every block pair as
+    create_block_mask does (which evaluates all T x T pairs), and FlexAttention under it equals dense SDPA under the
+    token-level document / window mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    B, seg = 2, None
+    if bos_positions is not None:
+        ids = token_ids(B=B, T=T, seed=T + window, bos_positions=bos_positions)
+        seg = tg.segment_ids(torch.from_numpy(tg.doc_cu_seqlens(ids.numpy(), BOS, T)), (B, T))
+    ours = tg.flex_block_mask(T, window, seg, "cpu")
+
+    def mask_mod(b, h, q, kv):
+        m = q >= kv
+        if window:
+            m = m & (q - kv <= window)
+        return m & (seg[b, q] == seg[b, kv]) if seg is not None else m
+    ref = create_block_mask(mask_mod, B if seg is not None else None, None, T, T, device="cpu")
+    pos = torch.arange(T)
+    dense = (pos[:, None] >= pos[None, :]) & ((pos[:, None] - pos[None, :] <= window) if window else True)
+    dense = dense[None, None] & (seg[:, None, :, None] == seg[:, None, None, :] if seg is not None else True)
+    dense = dense.expand(B, 1, T, T)
+    assert ours.kv_num_blocks.shape[2:] == ref.kv_num_blocks.shape[2:]
+    mine, theirs = _block_sets(ours), _block_sets(ref)
+    n = tg.FLEX_BLOCK
+    for (b, i), (partial, full) in theirs.items():
+        my_partial, my_full = mine[(min(b, ours.kv_num_blocks.size(0) - 1), i)]
+        # full blocks are exact; a partial block is kept whenever the causal/window bounds and the segment bounds each
+        # allow a pair (their conjunction may still be empty, e.g. window + a document edge): extra partial blocks
+        # must then hold no attending pair, so they cost compute, never correctness.
+        assert my_full == full and partial <= my_partial
+        for j in my_partial - partial:
+            assert not dense[b, 0, i * n:(i + 1) * n, j * n:(j + 1) * n].any()
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(B, 2, T, 8, generator=g) for _ in range(3))
+    with warnings.catch_warnings():  # eager flex on the CPU warns (once) that it is unfused: fine at 512 tokens
+        warnings.simplefilter("ignore")
+        out = flex_attention(q, k, v, block_mask=ours)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, attn_mask=dense), atol=1e-5)
+
+
+def test_flex_document_masks_at_the_default_micro_batch_stay_block_level(monkeypatch):
+    """DOC_ATTENTION=1 on compiled CUDA without a flash kernel, at the 8-GPU default micro-batch (one packed row of
+    98,304 tokens): create_block_mask asked for 72 GiB there (the lent H200, BENCHMARKS.md). The masks never take
+    that path and hold (T/128)^2 block entries, not T^2."""
+    import torch.nn.attention.flex_attention as fa
+    monkeypatch.setattr(fa, "create_block_mask", lambda *a, **k: pytest.fail("dense T x T mask evaluation"))
+    cfg = make_cfg(DOC_ATTENTION=1, TRAIN_SEQ_LEN=2048, TRAIN_BATCH_TOKENS=98_304)
+    T = 98_304
+    ids = token_ids(B=1, T=T, seed=5, bos_positions=tuple(range(0, T, 3001)))
+    seg = tg.segment_ids(torch.from_numpy(tg.doc_cu_seqlens(ids.numpy(), BOS, 2048)), (1, T))
+    masks = tg.build_masks(cfg, T, "cpu", seg, use_flex=True)
+    nb = T // tg.FLEX_BLOCK
+    for bm in masks.values():
+        assert bm.kv_indices.shape == (1, 1, nb, nb) and bm.seq_lengths == (T, T)
+        per_query_block = bm.kv_num_blocks + bm.full_kv_num_blocks
+        assert int(per_query_block.max()) <= 2048 // tg.FLEX_BLOCK + 2  # documents are cut at 2048: a band, not a triangle
