@@ -278,7 +278,7 @@ FIELDS: list[Field] = [
     ]),
     *group("systems", [  # systems: kernels, compile, loader
         _f("ATTN_BACKEND", str, "auto", "auto | flash (flash-attn 3/2) | fa4 (flash-attn-4, CuTe DSL) | sdpa | flex (FlexAttention)", choices=("auto", "flash", "fa4", "sdpa", "flex")),
-        _f("CE_KERNEL", str, "auto", "training loss: auto (triton on CUDA with the plain tanh softcap, once its check passes; else torch) | triton (one Triton kernel each way on the bf16 logits: softcap, logsumexp and the gradient, as record #1855's fused CE; checked against fp32 first; -0.6..0.9 % step time on an H200, BENCHMARKS.md) | torch (fp32 softcapped logits through inductor)", choices=("auto", "triton", "torch")),
+        _f("CE_KERNEL", str, "auto", "training loss: auto (triton on CUDA with the plain tanh softcap, once its check passes; else torch) | triton (one Triton kernel each way on the bf16 logits: softcap, logsumexp and the gradient, as record #1855's fused CE; checked against fp32 first; -0.4..0.8 % step time on an H200, BENCHMARKS.md) | torch (fp32 softcapped logits through inductor)", choices=("auto", "triton", "torch")),
         _f("MLP_KERNEL", str, "auto", "MLP backward: auto (triton on Hopper+ once its check passes) | triton (the dgrad GEMM with the LeakyReLU^2 derivative in its epilogue) | torch", choices=("auto", "triton", "torch")),
         _f("COMPILE", bool, True, "torch.compile the model and Newton-Schulz (CUDA only)"),
         _f("FUSED_GRADS", bool, True, "custom backwards (cuBLAS column sums) for the channel scales, U-Net skip mix and lane mix; 0 = the plain expressions under autograd (same math)"),
@@ -4109,6 +4109,13 @@ def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, window=0):
     return out[0] if isinstance(out, tuple) else out
 
 
+def causal_window(q, kv, window: int):
+    """Which (query, key) positions attend: causal, and within `window` positions when window > 0 (the token-level
+    rule of every mask: sdpa_varlen's, FlexAttention's mask_mod and the dense SDPA masks of build_masks)."""
+    m = q >= kv
+    return m & (q - kv <= window) if window else m
+
+
 SDPA_VARLEN_DENSE_MAX = 4096  # packed-row tokens up to which sdpa_varlen uses one dense mask (8 heads: ~0.5 GB of scores)
 
 
@@ -4124,9 +4131,7 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, window=0):
     if torch.compiler.is_compiling() or q.size(0) <= SDPA_VARLEN_DENSE_MAX:
         pos = torch.arange(q.size(0), device=q.device)
         seg = torch.searchsorted(cu_seqlens, pos.to(cu_seqlens.dtype), right=True)
-        m = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
-        if window:
-            m = m & (pos[:, None] - pos[None, :] <= window)
+        m = (seg[:, None] == seg[None, :]) & causal_window(pos[:, None], pos[None, :], window)
         y = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=m, enable_gqa=gqa)
         return y[0].transpose(0, 1)
     outs, cu = [], cu_seqlens.tolist()
@@ -4136,7 +4141,7 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, window=0):
         qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
         if window and e - s > window + 1:
             i = torch.arange(e - s, device=q.device)
-            m = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= window)
+            m = causal_window(i[:, None], i[None, :], window)
             y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
@@ -4542,12 +4547,8 @@ def flex_block_mask(T: int, window: int, seg: torch.Tensor | None, device, block
         return m.sum(-1, dtype=torch.int32), torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
 
     def mask_mod(b, h, q, kv):
-        m = q >= kv
-        if window:
-            m = m & (q - kv <= window)
-        if seg is not None:
-            m = m & (seg[b, q] == seg[b, kv])
-        return m
+        m = causal_window(q, kv, window)
+        return m & (seg[b, q] == seg[b, kv]) if seg is not None else m
     return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T))
 
 
@@ -4565,10 +4566,7 @@ def build_masks(cfg: Config, T: int, device, seg: torch.Tensor | None, use_flex:
             masks[w] = flex_block_mask(T, w, seg, device)
         else:
             q = torch.arange(T, device=device)
-            m = q[:, None] >= q[None, :]
-            if w:
-                m = m & (q[:, None] - q[None, :] <= w)
-            m = m[None, None]
+            m = causal_window(q[:, None], q[None, :], w)[None, None]
             if seg is not None:
                 m = m & (seg[:, None, :, None] == seg[:, None, None, :])
             masks[w] = m
